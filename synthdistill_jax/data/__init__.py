@@ -1,0 +1,1 @@
+"""Data: verification `.bin` reader and TFDS builders."""

@@ -1,0 +1,131 @@
+"""Layers shared by the face networks, with PyTorch semantics.
+
+Flax's defaults differ from PyTorch where the ported checkpoints care:
+`nn.BatchNorm` updates its running variance with the biased batch variance
+(PyTorch uses the unbiased one), and `nn.PReLU` has a single slope (PyTorch's
+`nn.PReLU(C)` has one per channel). Convolutions take explicit symmetric
+padding because PyTorch's `padding=1` is not Flax's 'SAME' on strided convs.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over the last axis with PyTorch's train/eval semantics.
+
+  Train mode normalises with the biased batch variance and updates the running
+  statistics as `r = (1 - momentum) * r + momentum * batch`, with the
+  *unbiased* batch variance for `var` (as `torch.nn.BatchNorm*d` does). Eval
+  mode uses the running statistics. Statistics are computed in float32
+  whatever the compute dtype.
+
+  Attributes:
+    momentum: PyTorch momentum (weight of the new batch statistic).
+    epsilon: added to the variance; 1e-5 in PyTorch, 2e-5 in old MXNet models.
+    use_scale: whether there is a learned scale (`weight` in PyTorch).
+    use_bias: whether there is a learned offset (`bias` in PyTorch).
+    dtype: compute dtype of the output.
+  """
+
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  use_scale: bool = True
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    features = x.shape[-1]
+    ra_mean = self.variable(
+        "batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32)
+    )
+    ra_var = self.variable(
+        "batch_stats", "var", lambda: jnp.ones((features,), jnp.float32)
+    )
+    x32 = x.astype(jnp.float32)
+    if train:
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(x32, axis=axes)
+      var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+      if not self.is_initializing():
+        n = 1
+        for a in axes:
+          n *= x.shape[a]
+        unbiased = var * (n / max(n - 1, 1))
+        m = self.momentum
+        ra_mean.value = (1.0 - m) * ra_mean.value + m * mean
+        ra_var.value = (1.0 - m) * ra_var.value + m * unbiased
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    # Fold the normalisation into one multiply-add per element.
+    mul = jax.lax.rsqrt(var + self.epsilon)
+    if self.use_scale:
+      mul = mul * self.param("scale", nn.initializers.ones, (features,))
+    add = -mean * mul
+    if self.use_bias:
+      add = add + self.param("bias", nn.initializers.zeros, (features,))
+    return (x32 * mul + add).astype(self.dtype)
+
+
+class PReLU(nn.Module):
+  """Per-channel PReLU, as `torch.nn.PReLU(num_parameters=C)`.
+
+  Attributes:
+    init_slope: initial negative slope (PyTorch's default 0.25).
+    dtype: compute dtype of the output.
+  """
+
+  init_slope: float = 0.25
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    alpha = self.param(
+        "alpha", nn.initializers.constant(self.init_slope), (x.shape[-1],)
+    )
+    x = x.astype(self.dtype)
+    return jnp.where(x >= 0, x, alpha.astype(self.dtype) * x)
+
+
+def torch_padding(kernel_size: int, padding: int | None = None):
+  """Explicit symmetric padding of a PyTorch conv (default: `k // 2`)."""
+  p = kernel_size // 2 if padding is None else padding
+  return ((p, p), (p, p))
+
+
+def conv(
+    features: int,
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    padding: int | None = None,
+    groups: int = 1,
+    use_bias: bool = False,
+    dtype: Dtype = jnp.float32,
+    name: str | None = None,
+) -> nn.Conv:
+  """A `nn.Conv` laid out like `torch.nn.Conv2d` (NHWC, HWIO kernel).
+
+  A PyTorch kernel `[out, in/groups, kh, kw]` maps to this one by
+  `w.transpose(2, 3, 1, 0)`.
+  """
+  return nn.Conv(
+      features,
+      (kernel_size, kernel_size),
+      strides=(stride, stride),
+      padding=torch_padding(kernel_size, padding),
+      feature_group_count=groups,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=nn.initializers.variance_scaling(
+          2.0, "fan_out", "normal"
+      ),
+      name=name,
+  )

@@ -1,0 +1,140 @@
+"""Model registry and the on-disk format of converted and trained models.
+
+A model folder holds `model.json` (which architecture, with which constructor
+arguments, plus free-form metadata such as where it was converted from) and
+`variables/`, an orbax checkpoint of the Flax variables. Reading it back needs
+neither PyTorch nor the original checkpoint:
+
+  module, variables = synthdistill_jax.models.load(directory)
+  emb = module.apply(variables, x_nhwc)
+
+Each model module (`iresnet`, `mobilefacenet`, `tinynet`, `stylegan2`) exposes
+`ARCHS` (the names it builds) and `create(arch, **kwargs) -> nn.Module`.
+"""
+
+import importlib
+import json
+import os
+import pathlib
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+FORMAT = "synthdistill-jax-model/1"
+MODEL_JSON = "model.json"
+VARIABLES_DIR = "variables"
+
+# Architecture name -> module of `synthdistill_jax.models` that builds it.
+_ARCH_MODULES = {
+    "iresnet18": "iresnet",
+    "iresnet34": "iresnet",
+    "iresnet50": "iresnet",
+    "iresnet100": "iresnet",
+    "iresnet200": "iresnet",
+    "mobilefacenet": "mobilefacenet",
+    "tinyfar_a": "tinynet",
+    "tinyfar_b": "tinynet",
+    "tinyfar_c": "tinynet",
+    "stylegan2": "stylegan2",
+}
+
+
+def architectures() -> list[str]:
+  """All architecture names the registry knows."""
+  return sorted(_ARCH_MODULES)
+
+
+def create_model(arch: str, **kwargs: Any) -> nn.Module:
+  """Builds the Flax module of `arch` with constructor overrides `kwargs`."""
+  if arch not in _ARCH_MODULES:
+    raise ValueError(
+        f"unknown architecture {arch!r}; known: {', '.join(architectures())}"
+    )
+  module = importlib.import_module(
+      f"synthdistill_jax.models.{_ARCH_MODULES[arch]}"
+  )
+  return module.create(arch, **kwargs)
+
+
+def _to_numpy(tree):
+  return jax.tree.map(np.asarray, tree)
+
+
+def save(
+    directory: str | os.PathLike,
+    arch: str,
+    kwargs: dict[str, Any],
+    variables: Any,
+    metadata: dict[str, Any] | None = None,
+) -> pathlib.Path:
+  """Writes a model folder: `model.json` and an orbax checkpoint.
+
+  Args:
+    directory: folder to create; must not hold a model already.
+    arch: registry name (`iresnet100`, `tinyfar_a`, `stylegan2`, ...).
+    kwargs: JSON-serialisable constructor arguments for `create_model`.
+    variables: the Flax variables (`{'params': ..., 'batch_stats': ...}`).
+    metadata: anything else worth keeping (source file, defaults used, ...).
+
+  Returns:
+    The absolute path of the folder.
+  """
+  directory = pathlib.Path(directory).absolute()
+  if (directory / MODEL_JSON).exists():
+    raise FileExistsError(f"{directory} already holds a model")
+  create_model(arch, **kwargs)  # Fails early on a bad arch or kwargs.
+  directory.mkdir(parents=True, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(directory / VARIABLES_DIR, _to_numpy(variables))
+    ckptr.wait_until_finished()
+  config = {
+      "format": FORMAT,
+      "arch": arch,
+      "kwargs": kwargs,
+      "metadata": metadata or {},
+  }
+  (directory / MODEL_JSON).write_text(json.dumps(config, indent=2) + "\n")
+  return directory
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+  """Reads and checks `model.json` of a model folder."""
+  path = pathlib.Path(directory) / MODEL_JSON
+  if not path.is_file():
+    raise FileNotFoundError(
+        f"{directory}: not a model folder (no {MODEL_JSON}); convert a"
+        " checkpoint with tools/convert_*.py first"
+    )
+  try:
+    config = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from None
+  if config.get("format") != FORMAT:
+    raise ValueError(
+        f"{path}: unknown format {config.get('format')!r}, expected {FORMAT!r}"
+    )
+  if config.get("arch") not in _ARCH_MODULES:
+    raise ValueError(f"{path}: unknown architecture {config.get('arch')!r}")
+  return config
+
+
+def load(directory: str | os.PathLike, **overrides: Any):
+  """Reads a model folder back.
+
+  Args:
+    directory: a folder written by `save` (or by the conversion tools).
+    **overrides: constructor arguments to change, e.g. `dtype='bfloat16'`.
+
+  Returns:
+    `(module, variables)`, variables as host numpy arrays.
+  """
+  config = read_config(directory)
+  kwargs = dict(config["kwargs"], **overrides)
+  module = create_model(config["arch"], **kwargs)
+  path = pathlib.Path(directory).absolute() / VARIABLES_DIR
+  with ocp.StandardCheckpointer() as ckptr:
+    variables = ckptr.restore(path)
+  return module, _to_numpy(variables)

@@ -1,0 +1,1 @@
+"""Filtering ops of the StyleGAN2 generator, in pure `jax.lax`."""

@@ -1,0 +1,1 @@
+"""Test suite of synthdistill-jax."""
