@@ -30,7 +30,12 @@ def load_arrays(case: str) -> dict[str, np.ndarray]:
 
 
 def _rebuild(row: dict, arrays: dict[str, np.ndarray]) -> np.ndarray:
-  name, shape, dtype, init = row["name"], row["shape"], row["dtype"], row["init"]
+  name, shape, dtype, init = (
+      row["name"],
+      row["shape"],
+      row["dtype"],
+      row["init"],
+  )
   kind = init[0]
   if kind == "literal":
     return np.asarray(arrays[f"literal/{name}"]).astype(dtype)
@@ -56,7 +61,9 @@ def _rebuild(row: dict, arrays: dict[str, np.ndarray]) -> np.ndarray:
 def _state_dict(case: str) -> tuple[tuple[str, np.ndarray], ...]:
   manifest = load_manifest(case)
   arrays = load_arrays(case)
-  return tuple((row["name"], _rebuild(row, arrays)) for row in manifest["tensors"])
+  return tuple(
+      (row["name"], _rebuild(row, arrays)) for row in manifest["tensors"]
+  )
 
 
 def state_dict(case: str) -> dict[str, np.ndarray]:

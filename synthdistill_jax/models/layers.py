@@ -124,8 +124,6 @@ def conv(
       use_bias=use_bias,
       dtype=dtype,
       param_dtype=jnp.float32,
-      kernel_init=nn.initializers.variance_scaling(
-          2.0, "fan_out", "normal"
-      ),
+      kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
       name=name,
   )
