@@ -16,6 +16,22 @@ class UnsafePickleError(pickle.UnpicklingError):
   """The file names a global outside the allow-list, or is not a pickle."""
 
 
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+  """Stands in for `_codecs.encode` (how Python 3 pickles `bytes`, protocol 2).
+
+  Only the latin-1 text-to-bytes form is accepted; nothing else is called.
+  """
+  if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+    raise UnsafePickleError(
+        f"refused _codecs.encode({type(text).__name__}, {encoding!r})"
+    )
+  return text.encode("latin1")
+
+
+# Globals that only rebuild plain data and are always allowed.
+_ALWAYS_ALLOWED = {("_codecs", "encode"): _latin1_bytes}
+
+
 class _Unpickler(pickle.Unpickler):
   """`pickle.Unpickler` whose globals come only from an allow-list."""
 
@@ -28,7 +44,7 @@ class _Unpickler(pickle.Unpickler):
       source: str,
   ):
     super().__init__(file, encoding=encoding)
-    self._allowed = allowed
+    self._allowed = {**_ALWAYS_ALLOWED, **allowed}
     self._persistent_load = persistent_load
     self._source = source
 
