@@ -1,0 +1,82 @@
+"""Tests of the throughput benchmark: helpers, and the CLI on the demo config.
+
+No test asserts a time: the machine is shared and timings are noisy.
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from synthdistill_jax import benchmark
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STAGES = (
+    "generate (map+synth)",
+    "face crop",
+    "teacher forward",
+    "student fwd+bwd+update",
+    "iteration (2 updates)",
+)
+
+
+def test_look_up_datasheet_matches_device_kinds():
+  h100 = benchmark.look_up_datasheet("NVIDIA H100 80GB HBM3", "bfloat16")
+  assert h100 == pytest.approx(989.4e12)
+  pcie = benchmark.look_up_datasheet("NVIDIA H100 PCIe", "bfloat16")
+  assert pcie == pytest.approx(756e12)
+  assert benchmark.look_up_datasheet("TPU v5 lite", "bfloat16") == 197e12
+  assert benchmark.look_up_datasheet("TPU v5p", "bfloat16") == 459e12
+  assert benchmark.look_up_datasheet("TPU v4", "float32") is None
+  assert benchmark.look_up_datasheet("cpu", "float32") is None
+
+
+def test_read_flops_counts_a_matmul_over_all_devices():
+  a = jnp.ones((64, 32), jnp.float32)
+  b = jnp.ones((32, 16), jnp.float32)
+  compiled = jax.jit(jnp.matmul).lower(a, b).compile()
+  assert benchmark.read_flops(compiled) == 2 * 64 * 32 * 16
+  # Sharded over the 8 simulated devices, the per-device count is summed.
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  sharding = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec("data")
+  )
+  a = jax.device_put(a, sharding)
+  compiled = jax.jit(jnp.matmul).lower(a, b).compile()
+  assert benchmark.count_devices(compiled) == jax.device_count()
+  assert benchmark.read_flops(compiled) == 2 * 64 * 32 * 16
+
+
+def test_time_stage_threads_the_carried_state():
+  calls = []
+
+  def step(state, increment):
+    calls.append(None)  # Traced once: AOT compilation, no retracing.
+    return state + increment, jnp.sum(state)
+
+  stage = benchmark.Stage(
+      "toy", step, (jnp.zeros(4), jnp.ones(4)), images=4, carry=True
+  )
+  timing = benchmark.time_stage(stage, warmup=1, iters=3)
+  assert len(calls) == 1
+  assert len(timing["seconds_all"]) == 3
+  assert timing["images_per_s"] > 0
+  assert timing["flops_per_call"] >= 0
+  assert timing["compile_s"] > 0
+  assert set(timing["memory"]) >= {"argument_bytes", "temp_bytes"}
+
+
+def test_measure_peak_reports_matmul_flops():
+  peak = benchmark.measure_peak("float32", 128, warmup=1, iters=2)
+  assert peak["flops_per_s"] > 0
+  assert peak["cost_analysis_flops"] == 2 * 128**3
+
+
+def test_read_peak_memory_is_positive():
+  memory = benchmark.read_peak_memory()
+  assert memory["peak_bytes"] > 0
+  assert memory["source"]
