@@ -1,0 +1,398 @@
+"""TinyFaR students: timm's TinyNet (EfficientNet-B0 family) + a linear head.
+
+SynthDistill's students (H. Otroshi Shahreza et al., IJCB 2023,
+arXiv 2308.14852; `otroshi/synthdistill` `src/Network.py`) are
+`timm.create_model('tinynet_x', num_classes=0)` followed by
+`Linear(1280, 512)`. This module rebuilds timm 0.6.13's `_gen_tinynet`
+exactly: EfficientNet-B0 block strings scaled by a width and a depth
+multiplier, channels rounded with `make_divisible(ch * width, 8)` (never more
+than 10 % down), stage depths rounded per stage with Python's `round`, a fixed
+32-channel stem and 1280 head features, SiLU ("Swish") everywhere,
+squeeze-excite with `round(0.25 * block input channels)` reduced channels and
+a sigmoid gate, BatchNorm eps 1e-5 and PyTorch's symmetric `k // 2` padding.
+
+Submodule names follow timm's `state_dict` keys (`conv_stem`, `bn1`,
+`blocks_<stage>_<block>` with `conv_pw`/`conv_dw`/`se`/`conv_pwl`/`bn1..3`,
+`conv_head`, `bn2`, `fc`), so `synthdistill_jax.convert.tinynet` is a plain
+name map.
+
+  module = create('tinyfar_c')
+  variables = module.init(jax.random.key(0), x_nhwc)
+  out = module.apply(variables, x_nhwc)                  # eval: running stats
+  out, updates = module.apply(variables, x_nhwc, train=True,
+                              mutable=['batch_stats'])   # batch stats
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from synthdistill_jax.models import layers
+
+ARCHS = ("tinyfar_a", "tinyfar_b", "tinyfar_c")
+
+# timm's (width, depth) multipliers of tinynet_a/b/c (the input resolution
+# factor r of the TinyNet paper is not part of the network).
+MULTIPLIERS = {
+    "tinyfar_a": (1.0, 1.2),
+    "tinyfar_b": (0.75, 1.1),
+    "tinyfar_c": (0.54, 0.85),
+}
+
+# EfficientNet-B0 stages as in timm's arch_def: block type, repeats, depthwise
+# kernel, stride of the first block, expansion ratio, output channels. Every
+# block has squeeze-excite 0.25.
+B0_STAGES = (
+    ("ds", 1, 3, 1, 1, 16),
+    ("ir", 2, 3, 2, 6, 24),
+    ("ir", 2, 5, 2, 6, 40),
+    ("ir", 3, 3, 2, 6, 80),
+    ("ir", 3, 5, 1, 6, 112),
+    ("ir", 4, 5, 2, 6, 192),
+    ("ir", 1, 3, 1, 6, 320),
+)
+SE_RATIO = 0.25
+STEM_SIZE = 32
+HEAD_FEATURES = 1280
+
+
+def make_divisible(
+    value: float, divisor: int = 8, round_limit: float = 0.9
+) -> int:
+  """Rounds channels to a multiple of `divisor` as timm's `make_divisible`.
+
+  Args:
+    value: the scaled channel count.
+    divisor: the multiple to round to.
+    round_limit: rounding down may lose at most `1 - round_limit` of `value`.
+
+  Returns:
+    The rounded channel count (at least `divisor`).
+  """
+  new_value = max(divisor, int(value + divisor / 2) // divisor * divisor)
+  if new_value < round_limit * value:
+    new_value += divisor
+  return new_value
+
+
+def round_channels(channels: int, multiplier: float) -> int:
+  """timm's `round_channels`: scale by the width multiplier, then round."""
+  if not multiplier:
+    return channels
+  return make_divisible(channels * multiplier)
+
+
+def scale_depth(repeats: int, multiplier: float) -> int:
+  """timm's `_scale_stage_depth` with `depth_trunc='round'` for one string.
+
+  Each B0 stage holds one block string, so the stage total is simply
+  `round(repeats * multiplier)` (Python's round half to even), at least 1.
+  """
+  return max(1, round(repeats * multiplier))
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+  """The static shape of one block.
+
+  Attributes:
+    kind: 'ds' (DepthwiseSeparableConv) or 'ir' (InvertedResidual).
+    in_chs: block input channels.
+    mid_chs: depthwise channels (`in_chs` for 'ds').
+    out_chs: block output channels.
+    kernel: depthwise kernel size.
+    stride: depthwise stride.
+    se_chs: squeeze-excite reduced channels.
+    has_skip: whether the input is added to the output.
+  """
+
+  kind: str
+  in_chs: int
+  mid_chs: int
+  out_chs: int
+  kernel: int
+  stride: int
+  se_chs: int
+  has_skip: bool
+
+
+def build_block_specs(
+    width_multiplier: float, depth_multiplier: float, stem_size: int = 32
+) -> tuple[tuple[BlockSpec, ...], ...]:
+  """The blocks of every stage, as timm's `EfficientNetBuilder` makes them.
+
+  Args:
+    width_multiplier: channel multiplier (timm's `model_width`).
+    depth_multiplier: stage depth multiplier.
+    stem_size: stem channels (fixed, not scaled: timm's `fix_stem=True`).
+
+  Returns:
+    One tuple of `BlockSpec` per stage.
+  """
+  stages = []
+  in_chs = stem_size
+  for kind, repeats, kernel, stride, exp_ratio, out in B0_STAGES:
+    out_chs = round_channels(out, width_multiplier)
+    blocks = []
+    for i in range(scale_depth(repeats, depth_multiplier)):
+      s = stride if i == 0 else 1
+      mid_chs = in_chs if kind == "ds" else make_divisible(in_chs * exp_ratio)
+      # timm divides the SE ratio by the expansion so that the reduction is
+      # relative to the block input (`se_from_exp=False`), then rounds.
+      se_ratio = SE_RATIO / (1.0 if kind == "ds" else exp_ratio)
+      blocks.append(
+          BlockSpec(
+              kind=kind,
+              in_chs=in_chs,
+              mid_chs=mid_chs,
+              out_chs=out_chs,
+              kernel=kernel,
+              stride=s,
+              se_chs=round(mid_chs * se_ratio),
+              has_skip=s == 1 and in_chs == out_chs,
+          )
+      )
+      in_chs = out_chs
+    stages.append(tuple(blocks))
+  return tuple(stages)
+
+
+def _depthwise_conv(features, kernel, stride, dtype, name):
+  """A depthwise `nn.Conv` initialised as timm does it.
+
+  `layers.conv` draws with fan-out `k*k*C`; timm divides the fan-out by the
+  groups (`fix_group_fanout`), i.e. `k*k` for a depthwise conv, which gives a
+  `sqrt(C)` larger initial scale. Only matters when training from scratch.
+  """
+  return nn.Conv(
+      features,
+      (kernel, kernel),
+      strides=(stride, stride),
+      padding=layers.torch_padding(kernel),
+      feature_group_count=features,
+      use_bias=False,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=nn.initializers.normal(math.sqrt(2.0 / (kernel * kernel))),
+      name=name,
+  )
+
+
+def _torch_linear_bias_init(fan_in):
+  """`torch.nn.Linear`'s bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+
+  def init(key, shape, dtype=jnp.float32):
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class SqueezeExcite(nn.Module):
+  """timm's EfficientNet `SqueezeExcite`: mean, reduce, SiLU, expand, sigmoid.
+
+  Attributes:
+    reduced: channels of the bottleneck (`conv_reduce` output).
+    dtype: compute dtype.
+  """
+
+  reduced: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
+    s = layers.conv(
+        self.reduced, 1, use_bias=True, dtype=self.dtype, name="conv_reduce"
+    )(pooled.astype(self.dtype))
+    s = nn.silu(s)
+    s = layers.conv(
+        features, 1, use_bias=True, dtype=self.dtype, name="conv_expand"
+    )(s)
+    return x * nn.sigmoid(s)
+
+
+class Block(nn.Module):
+  """One DepthwiseSeparableConv ('ds') or InvertedResidual ('ir') block.
+
+  'ds': conv_dw, bn1, SiLU, se, conv_pw, bn2 (no activation).
+  'ir': conv_pw, bn1, SiLU, conv_dw, bn2, SiLU, se, conv_pwl, bn3.
+  Both add the input when stride is 1 and the channels match (no drop path:
+  SynthDistill's students train without it).
+
+  Attributes:
+    spec: the block's static shape.
+    bn_eps: BatchNorm epsilon.
+    dtype: compute dtype.
+  """
+
+  spec: BlockSpec
+  bn_eps: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    spec, dtype = self.spec, self.dtype
+
+    def bn(name):
+      return layers.BatchNorm(epsilon=self.bn_eps, dtype=dtype, name=name)
+
+    shortcut = x
+    if spec.kind == "ds":
+      x = _depthwise_conv(
+          spec.mid_chs, spec.kernel, spec.stride, dtype, "conv_dw"
+      )(x)
+      x = nn.silu(bn("bn1")(x, train=train))
+      x = SqueezeExcite(spec.se_chs, dtype=dtype, name="se")(x)
+      x = layers.conv(spec.out_chs, 1, dtype=dtype, name="conv_pw")(x)
+      x = bn("bn2")(x, train=train)
+    else:
+      x = layers.conv(spec.mid_chs, 1, dtype=dtype, name="conv_pw")(x)
+      x = nn.silu(bn("bn1")(x, train=train))
+      x = _depthwise_conv(
+          spec.mid_chs, spec.kernel, spec.stride, dtype, "conv_dw"
+      )(x)
+      x = nn.silu(bn("bn2")(x, train=train))
+      x = SqueezeExcite(spec.se_chs, dtype=dtype, name="se")(x)
+      x = layers.conv(spec.out_chs, 1, dtype=dtype, name="conv_pwl")(x)
+      x = bn("bn3")(x, train=train)
+    if spec.has_skip:
+      x = x + shortcut
+    return x
+
+
+class TinyFaR(nn.Module):
+  """TinyNet backbone (timm, `num_classes=0`) + `fc` Linear to the embedding.
+
+  Attributes:
+    width_multiplier: channel multiplier (a 1.0, b 0.75, c 0.54).
+    depth_multiplier: depth multiplier (a 1.2, b 1.1, c 0.85).
+    embedding_size: output size of `fc` (512 in SynthDistill).
+    num_features: head channels; None = timm's `max(1280, round(1280*w))`.
+    stem_size: stem channels (fixed at 32 by timm).
+    bn_eps: BatchNorm epsilon (PyTorch's 1e-5, not TF's 1e-3).
+    dtype: compute dtype name ('float32' or 'bfloat16'); params are float32
+      and the output is float32.
+  """
+
+  width_multiplier: float = 1.0
+  depth_multiplier: float = 1.0
+  embedding_size: int = 512
+  num_features: int | None = None
+  stem_size: int = STEM_SIZE
+  bn_eps: float = 1e-5
+  dtype: str = "float32"
+
+  def block_specs(self) -> tuple[tuple[BlockSpec, ...], ...]:
+    """The static block shapes of this network."""
+    return build_block_specs(
+        self.width_multiplier, self.depth_multiplier, self.stem_size
+    )
+
+  def head_features(self) -> int:
+    """Channels of `conv_head` (the backbone's feature size)."""
+    if self.num_features is not None:
+      return self.num_features
+    return max(
+        HEAD_FEATURES, round_channels(HEAD_FEATURES, self.width_multiplier)
+    )
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    """Embeds faces.
+
+    Args:
+      x: [B, H, W, 3] NHWC, normalised as `(x - 0.5) / 0.5` (112x112 in
+        SynthDistill).
+      train: batch statistics (and running-stat updates; pass
+        `mutable=['batch_stats']`) instead of running statistics.
+
+    Returns:
+      [B, embedding_size] float32 raw embeddings (not normalised).
+    """
+    dtype = jnp.dtype(self.dtype)
+
+    def bn(name):
+      return layers.BatchNorm(epsilon=self.bn_eps, dtype=dtype, name=name)
+
+    x = x.astype(dtype)
+    x = layers.conv(self.stem_size, 3, stride=2, dtype=dtype, name="conv_stem")(
+        x
+    )
+    x = nn.silu(bn("bn1")(x, train=train))
+    for i, stage in enumerate(self.block_specs()):
+      for j, spec in enumerate(stage):
+        block = Block(spec, self.bn_eps, dtype, name=f"blocks_{i}_{j}")
+        x = block(x, train=train)
+    x = layers.conv(self.head_features(), 1, dtype=dtype, name="conv_head")(x)
+    x = nn.silu(bn("bn2")(x, train=train))
+    features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    fan_in = features.shape[-1]
+    # torch.nn.Linear's default init (kaiming_uniform with a=sqrt(5)).
+    out = nn.Dense(
+        self.embedding_size,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.initializers.variance_scaling(
+            1 / 3, "fan_in", "uniform"
+        ),
+        bias_init=_torch_linear_bias_init(fan_in),
+        name="fc",
+    )(features.astype(dtype))
+    return out.astype(jnp.float32)
+
+
+def create(arch: str, **kwargs: Any) -> TinyFaR:
+  """Builds TinyFaR-A/B/C.
+
+  Args:
+    arch: one of `ARCHS`.
+    **kwargs: `TinyFaR` attributes to override (JSON-serialisable).
+
+  Returns:
+    The Flax module.
+  """
+  if arch not in MULTIPLIERS:
+    raise ValueError(f"unknown TinyFaR architecture {arch!r}; known: {ARCHS}")
+  width, depth = MULTIPLIERS[arch]
+  config = dict(width_multiplier=width, depth_multiplier=depth)
+  config.update(kwargs)
+  if str(config.get("dtype", "float32")) not in ("float32", "bfloat16"):
+    raise ValueError(
+        f"{arch}: dtype must be 'float32' or 'bfloat16', got {config['dtype']!r}"
+    )
+  return TinyFaR(**config)
+
+
+def count_params(params: Any) -> int:
+  """Number of scalars in a parameter tree (arrays or ShapeDtypeStructs).
+
+  Args:
+    params: e.g. `variables['params']`; running statistics are not params.
+
+  Returns:
+    The total element count.
+  """
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+
+
+def count_arch_params(arch: str, image_size: int = 112, **kwargs: Any) -> int:
+  """Parameter count of `arch` from shapes alone (`jax.eval_shape`).
+
+  Args:
+    arch: one of `ARCHS`.
+    image_size: input side (the count does not depend on it).
+    **kwargs: constructor overrides, as for `create`.
+
+  Returns:
+    The number of trainable parameters, head included.
+  """
+  module = create(arch, **kwargs)
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  shapes = jax.eval_shape(module.init, jax.random.key(0), x)
+  return count_params(shapes["params"])
