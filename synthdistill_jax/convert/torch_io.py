@@ -170,4 +170,6 @@ def check_keys(
     if items:
       problems.append(f"{len(items)} {what} key(s): {_listed(items)}")
   if problems:
-    raise ValueError(f"{source}: state dict does not match; " + "; ".join(problems))
+    raise ValueError(
+        f"{source}: state dict does not match; " + "; ".join(problems)
+    )

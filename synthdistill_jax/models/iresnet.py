@@ -42,6 +42,36 @@ STAGE_BLOCKS = {
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
+def _conv(
+    features: int,
+    kernel: int,
+    *,
+    gain: float,
+    stride: int = 1,
+    dtype: layers.Dtype = jnp.float32,
+    name: str,
+) -> nn.Conv:
+  """A PyTorch-padded conv whose random init has variance `gain / fan_in`.
+
+  Eval-mode BatchNorm at init is the identity (running stats 0 and 1), so
+  the init alone must keep activations at a moderate scale: He gain 2 before
+  a PReLU, gain 1 for linear convs, and a small gain on the last conv of
+  each residual branch so that depth does not blow the scale up (a
+  randomly initialised IResNet serves as the demo teacher).
+  """
+  return nn.Conv(
+      features,
+      (kernel, kernel),
+      strides=(stride, stride),
+      padding=layers.torch_padding(kernel),
+      use_bias=False,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=nn.initializers.variance_scaling(gain, "fan_in", "normal"),
+      name=name,
+  )
+
+
 class BasicBlock(nn.Module):
   """insightface's `IBasicBlock` (pre-activation style, stride on conv2).
 
@@ -49,12 +79,14 @@ class BasicBlock(nn.Module):
     features: output channels of the block.
     stride: stride of the second 3x3 conv and of the shortcut conv.
     bn_eps: BatchNorm epsilon.
+    branch_gain: init gain of the branch's last conv (see `_conv`).
     dtype: compute dtype.
   """
 
   features: int
   stride: int = 1
   bn_eps: float = 1e-5
+  branch_gain: float = 1.0
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
@@ -62,17 +94,17 @@ class BasicBlock(nn.Module):
     bn = functools.partial(
         layers.BatchNorm, epsilon=self.bn_eps, dtype=self.dtype
     )
-    conv = functools.partial(layers.conv, dtype=self.dtype)
+    conv = functools.partial(_conv, self.features, dtype=self.dtype)
     out = bn(name="bn1")(x, train=train)
-    out = conv(self.features, 3, name="conv1")(out)
+    out = conv(3, gain=2.0, name="conv1")(out)
     out = bn(name="bn2")(out, train=train)
     out = layers.PReLU(dtype=self.dtype, name="prelu")(out)
-    out = conv(self.features, 3, stride=self.stride, name="conv2")(out)
+    out = conv(3, gain=self.branch_gain, stride=self.stride, name="conv2")(out)
     out = bn(name="bn3")(out, train=train)
     # Same condition as upstream `_make_layer`: a projection shortcut when
     # the shape changes (always the first block of a stage).
     if self.stride != 1 or x.shape[-1] != self.features:
-      x = conv(self.features, 1, stride=self.stride, name="downsample_0")(x)
+      x = conv(1, gain=1.0, stride=self.stride, name="downsample_0")(x)
       x = bn(name="downsample_1")(x, train=train)
     return out + x
 
@@ -115,7 +147,7 @@ class IResNet(nn.Module):
     """
     dtype = jnp.dtype(self.dtype)
     x = x.astype(dtype)
-    x = layers.conv(self.widths[0], 3, dtype=dtype, name="conv1")(x)
+    x = _conv(self.widths[0], 3, gain=2.0, dtype=dtype, name="conv1")(x)
     x = layers.BatchNorm(epsilon=self.bn_eps, dtype=dtype, name="bn1")(
         x, train=train
     )
@@ -126,6 +158,8 @@ class IResNet(nn.Module):
             width,
             stride=2 if i == 0 else 1,
             bn_eps=self.bn_eps,
+            # Each branch adds about 1/depth of the input variance.
+            branch_gain=1.0 / sum(self.layers),
             dtype=dtype,
             name=f"layer{stage + 1}_{i}",
         )(x, train=train)
@@ -185,5 +219,7 @@ def create(arch: str, **kwargs) -> IResNet:
     )
   unknown = set(kwargs) - set(IResNet.__dataclass_fields__)
   if unknown:
-    raise ValueError(f"{arch}: unknown argument(s) {', '.join(sorted(unknown))}")
+    raise ValueError(
+        f"{arch}: unknown argument(s) {', '.join(sorted(unknown))}"
+    )
   return IResNet(**kwargs)

@@ -39,6 +39,9 @@ class ConvBlock(nn.Module):
     groups: conv groups.
     linear: no PReLU (upstream's `LinearBlock`).
     bn_eps: BatchNorm epsilon.
+    gain: init variance times fan_in; default 2 before a PReLU, else 1.
+      Eval-mode BatchNorm at init is the identity, so the init alone keeps
+      the random network's activations at a moderate scale.
     dtype: compute dtype.
   """
 
@@ -49,22 +52,27 @@ class ConvBlock(nn.Module):
   groups: int = 1
   linear: bool = False
   bn_eps: float = 1e-5
+  gain: float | None = None
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    x = layers.conv(
+    gain = self.gain or (1.0 if self.linear else 2.0)
+    x = nn.Conv(
         self.features,
-        self.kernel,
-        stride=self.stride,
-        padding=self.padding,
-        groups=self.groups,
+        (self.kernel, self.kernel),
+        strides=(self.stride, self.stride),
+        padding=layers.torch_padding(self.kernel, self.padding),
+        feature_group_count=self.groups,
+        use_bias=False,
         dtype=self.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.initializers.variance_scaling(gain, "fan_in", "normal"),
         name="layers_0",
     )(x)
-    x = layers.BatchNorm(epsilon=self.bn_eps, dtype=self.dtype, name="layers_1")(
-        x, train=train
-    )
+    x = layers.BatchNorm(
+        epsilon=self.bn_eps, dtype=self.dtype, name="layers_1"
+    )(x, train=train)
     if not self.linear:
       x = layers.PReLU(dtype=self.dtype, name="layers_2")(x)
     return x
@@ -79,6 +87,7 @@ class DepthWise(nn.Module):
     stride: stride of the depth-wise conv.
     residual: add the input to the output.
     bn_eps: BatchNorm epsilon.
+    branch_gain: init gain of the last (linear) conv.
     dtype: compute dtype.
   """
 
@@ -87,6 +96,7 @@ class DepthWise(nn.Module):
   stride: int = 1
   residual: bool = False
   bn_eps: float = 1e-5
+  branch_gain: float = 1.0
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
@@ -102,9 +112,13 @@ class DepthWise(nn.Module):
         name="layers_1",
         **common,
     )(y, train=train)
-    y = ConvBlock(self.features, linear=True, name="layers_2", **common)(
-        y, train=train
-    )
+    y = ConvBlock(
+        self.features,
+        linear=True,
+        gain=self.branch_gain,
+        name="layers_2",
+        **common,
+    )(y, train=train)
     return x + y if self.residual else y
 
 
@@ -116,6 +130,7 @@ class Residual(nn.Module):
     num_blocks: number of blocks.
     groups: inner width of each block.
     bn_eps: BatchNorm epsilon.
+    branch_gain: init gain of each block's last conv.
     dtype: compute dtype.
   """
 
@@ -123,6 +138,7 @@ class Residual(nn.Module):
   num_blocks: int
   groups: int
   bn_eps: float = 1e-5
+  branch_gain: float = 1.0
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
@@ -133,6 +149,7 @@ class Residual(nn.Module):
           self.groups,
           residual=True,
           bn_eps=self.bn_eps,
+          branch_gain=self.branch_gain,
           dtype=self.dtype,
           name=f"layers_{i}",
       )(x, train=train)
@@ -206,13 +223,15 @@ class MobileFaceNet(nn.Module):
     """
     dtype = jnp.dtype(self.dtype)
     common = dict(bn_eps=self.bn_eps, dtype=dtype)
+    # Each residual branch adds about 1/depth of the variance at init.
+    residual = dict(common, branch_gain=1.0 / sum(self.blocks))
     c1, c2 = 64 * self.scale, 128 * self.scale
     x = x.astype(dtype)
     x = ConvBlock(c1, 3, 2, 1, name="layers_0", **common)(x, train=train)
     if self.blocks[0] == 1:
       stage0 = ConvBlock(c1, 3, 1, 1, groups=64, name="layers_1", **common)
     else:
-      stage0 = Residual(c1, self.blocks[0], 128, name="layers_1", **common)
+      stage0 = Residual(c1, self.blocks[0], 128, name="layers_1", **residual)
     x = stage0(x, train=train)
     # (module, out channels, inner width) as upstream hard-codes them.
     stages = (
@@ -229,7 +248,7 @@ class MobileFaceNet(nn.Module):
         block = DepthWise(features, groups, 2, name=name, **common)
       else:
         block = Residual(
-            features, self.blocks[i // 2 + 1], groups, name=name, **common
+            features, self.blocks[i // 2 + 1], groups, name=name, **residual
         )
       x = block(x, train=train)
     x = ConvBlock(512, bn_eps=self.bn_eps, name="conv_sep")(
@@ -264,5 +283,7 @@ def create(arch: str, **kwargs) -> MobileFaceNet:
     )
   unknown = set(kwargs) - set(MobileFaceNet.__dataclass_fields__)
   if unknown:
-    raise ValueError(f"{arch}: unknown argument(s) {', '.join(sorted(unknown))}")
+    raise ValueError(
+        f"{arch}: unknown argument(s) {', '.join(sorted(unknown))}"
+    )
   return MobileFaceNet(**kwargs)
