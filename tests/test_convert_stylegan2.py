@@ -1,0 +1,261 @@
+"""Safe conversion of NVIDIA StyleGAN2 pickles and state dicts (+ the tool)."""
+
+import os
+import pathlib
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from synthdistill_jax import convert
+from synthdistill_jax import safe_pickle
+from synthdistill_jax.convert import stylegan2 as convert_sg2
+from synthdistill_jax.models import stylegan2
+from tests import golden
+from tests import nvidia_pickles
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TOOL = ROOT / "tools" / "convert_stylegan2.py"
+CASES = ("stylegan2_sg3_small", "stylegan2_ada_small")
+
+
+def _golden_variables(case):
+  kwargs = convert_sg2._normalise_config(  # pylint: disable=protected-access
+      golden.load_manifest(case)["config"]["G_init_kwargs"]
+  )
+  module = stylegan2.create("stylegan2", **kwargs)
+  return module, convert_sg2.state_dict_to_variables(
+      golden.state_dict(case), module
+  )
+
+
+def _assert_same_tree(a, b):
+  flat_a = dict(_flatten(a))
+  flat_b = dict(_flatten(b))
+  assert flat_a.keys() == flat_b.keys()
+  for key, value in flat_a.items():
+    np.testing.assert_array_equal(value, flat_b[key], err_msg=key)
+
+
+def _flatten(tree, prefix=""):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flatten(value, f"{prefix}{key}/")
+    else:
+      yield prefix + key, np.asarray(value)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_official_format_pickle_converts(case, tmp_path):
+  marker = tmp_path / "MARKER"
+  path = tmp_path / "network-snapshot.pkl"
+  # The embedded module source would create the marker if it were run.
+  src = f"import os\nos.system('touch {marker}')\n"
+  nvidia_pickles.write_official_pickle(path, case, module_src=src)
+  assert "torch_utils" not in sys.modules and "dnnlib" not in sys.modules
+  module, variables = convert.load_stylegan2(path)
+  assert not marker.exists()
+  assert "torch_utils" not in sys.modules and "dnnlib" not in sys.modules
+  ref_module, ref_variables = _golden_variables(case)
+  assert module == ref_module
+  _assert_same_tree(variables, ref_variables)
+  arrays = golden.load_arrays(case)
+  ws = module.apply(variables, arrays["z"], arrays.get("c"), method="mapping")
+  assert np.abs(np.asarray(ws) - arrays["ws_psi1"]).max() <= 1e-5
+  _, _, metadata = convert_sg2.read_checkpoint(path)
+  writer = "stylegan3" if "sg3" in case else "stylegan2-ada"
+  assert metadata["writer"].startswith(f"NVlabs/{writer}")
+
+
+@pytest.mark.parametrize(
+    "case,expected", [(CASES[0], (4, 256)), (CASES[1], (0, None))]
+)
+def test_missing_kwargs_use_the_writers_defaults(case, expected, tmp_path):
+  path = tmp_path / "g.pkl"
+  nvidia_pickles.write_official_pickle(
+      path, case, state_attrs=False, drop_kwargs=("num_fp16_res", "conv_clamp")
+  )
+  kwargs, _, metadata = convert_sg2.read_checkpoint(path)
+  assert (kwargs["num_fp16_res"], kwargs["conv_clamp"]) == expected
+  assert metadata["defaults_used"]["num_fp16_res"] == expected[0]
+  assert metadata["defaults_used"]["conv_clamp"] == expected[1]
+  assert kwargs["channel_base"] == 4096  # still read from the file
+
+
+class _Payload:
+  """Pickles as a call that would create `marker`."""
+
+  def __init__(self, marker, via):
+    self.marker, self.via = marker, via
+
+  def __reduce__(self):
+    if self.via == "exec":
+      import builtins  # pylint: disable=g-import-not-at-top
+
+      return (builtins.exec, (f"open({str(self.marker)!r}, 'w').close()",))
+    return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("via", ["system", "exec"])
+def test_pickle_with_a_payload_is_refused(via, tmp_path):
+  marker = tmp_path / "PWNED"
+  path = tmp_path / "evil.pkl"
+  data = {"G_ema": _Payload(marker, via), "D": None}
+  path.write_bytes(pickle.dumps(data, protocol=4))
+  with pytest.raises(
+      safe_pickle.UnsafePickleError, match="refused global"
+  ) as e:
+    convert.load_stylegan2(path)
+  assert str(path) in str(e.value) and "\n" not in str(e.value)
+  assert ("exec" in str(e.value)) == (via == "exec")
+  assert not marker.exists()
+  result = subprocess.run(
+      [
+          sys.executable,
+          str(TOOL),
+          "--input",
+          str(path),
+          "--output",
+          str(tmp_path / "out"),
+      ],
+      capture_output=True,
+      text=True,
+      check=False,
+  )
+  assert result.returncode != 0 and not marker.exists()
+  assert result.stderr.count("\n") == 1 and "refused global" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "out").exists()
+
+
+def test_stylegan3_alias_free_generator_is_refused(tmp_path):
+  path = tmp_path / "sg3.pkl"
+  layers = {
+      "synthesis.input.weight": torch.zeros(4, 2),
+      "synthesis.L0_36_512.weight": torch.zeros(4, 4, 3, 3),
+  }
+  nvidia_pickles.write_official_pickle(
+      path, CASES[0], synthesis_children=layers
+  )
+  with pytest.raises(
+      convert_sg2.ConversionError, match="unsupported architecture"
+  ):
+    convert.load_stylegan2(path)
+
+
+def test_truncated_pickle_is_refused(tmp_path):
+  path = tmp_path / "g.pkl"
+  nvidia_pickles.write_official_pickle(path, CASES[0])
+  data = path.read_bytes()
+  path.write_bytes(data[: len(data) // 2])
+  with pytest.raises(safe_pickle.UnsafePickleError, match="not a readable"):
+    convert.load_stylegan2(path)
+
+
+def _save_state_dict(path, sd):
+  torch.save(sd, path)
+  return path
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_state_dict_with_config(nested, tmp_path):
+  case = CASES[1]
+  g_kwargs = golden.load_manifest(case)["config"]["G_init_kwargs"]
+  config = g_kwargs if nested else convert_sg2._normalise_config(g_kwargs)  # pylint: disable=protected-access
+  path = _save_state_dict(tmp_path / "g.pt", golden.torch_state_dict(case))
+  module, variables = convert.load_stylegan2(path, config=config)
+  ref_module, ref_variables = _golden_variables(case)
+  assert module == ref_module
+  _assert_same_tree(variables, ref_variables)
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        ("missing", "missing key synthesis.b16.conv0.weight"),
+        ("misshapen", "synthesis.b16.conv0.weight has shape [128, 128, 3, 1]"),
+        ("unexpected", "unexpected key synthesis.b16.extra"),
+        ("truncated", "not a readable PyTorch state dict"),
+    ],
+)
+def test_bad_state_dicts_give_one_line(edit, message, tmp_path):
+  case = CASES[0]
+  sd = golden.torch_state_dict(case)
+  key = "synthesis.b16.conv0.weight"
+  if edit == "missing":
+    del sd[key]
+  elif edit == "misshapen":
+    sd[key] = sd[key][..., :1]
+  elif edit == "unexpected":
+    sd["synthesis.b16.extra"] = torch.zeros(2)
+  path = _save_state_dict(tmp_path / "g.pt", sd)
+  if edit == "truncated":
+    path.write_bytes(path.read_bytes()[:5000])
+  config = golden.load_manifest(case)["config"]["G_init_kwargs"]
+  with pytest.raises(convert_sg2.ConversionError) as e:
+    convert.load_stylegan2(path, config=config)
+  assert message in str(e.value) and str(path) in str(e.value)
+  assert "\n" not in str(e.value)
+
+
+_READ_BACK = """
+import sys
+sys.modules['torch'] = None  # reading a converted model must not need torch
+import jax, numpy as np
+jax.config.update('jax_default_matmul_precision', 'highest')
+from synthdistill_jax.models import stylegan2
+module, v = stylegan2.load(sys.argv[1])
+a = np.load(sys.argv[2])
+ws = module.apply(v, a['z'], None, method='mapping')
+img = jax.jit(lambda v, ws: module.apply(v, ws, noise_mode='const',
+                                         method='synthesis'))(v, ws)
+np.savez(sys.argv[3], ws=np.asarray(ws), img=np.asarray(img))
+"""
+
+
+def test_tool_round_trip(tmp_path):
+  case = CASES[0]
+  pkl, out = tmp_path / "g.pkl", tmp_path / "model"
+  nvidia_pickles.write_official_pickle(pkl, case)
+  result = subprocess.run(
+      [sys.executable, str(TOOL), "--input", str(pkl), "--output", str(out)],
+      capture_output=True,
+      text=True,
+      check=False,
+  )
+  assert result.returncode == 0, result.stderr
+  assert "num_ws 10" in result.stdout
+  arrays = golden.load_arrays(case)
+  np.savez(tmp_path / "in.npz", z=arrays["z"])
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  read = subprocess.run(
+      [
+          sys.executable,
+          "-c",
+          _READ_BACK,
+          str(out),
+          str(tmp_path / "in.npz"),
+          str(tmp_path / "out.npz"),
+      ],
+      capture_output=True,
+      text=True,
+      check=False,
+      env=env,
+  )
+  assert read.returncode == 0, read.stderr
+  got = np.load(tmp_path / "out.npz")
+  assert np.abs(got["ws"] - arrays["ws_psi1"]).max() <= 1e-5
+  ref = arrays["img_const"].transpose(0, 2, 3, 1)
+  np.testing.assert_allclose(got["img"], ref, rtol=1e-4, atol=1e-4)
+  again = subprocess.run(
+      [sys.executable, str(TOOL), "--input", str(pkl), "--output", str(out)],
+      capture_output=True,
+      text=True,
+      check=False,
+  )
+  assert again.returncode == 1 and "already holds a model" in again.stderr

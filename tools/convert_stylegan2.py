@@ -1,0 +1,84 @@
+"""Converts an official StyleGAN2 checkpoint into a synthdistill-jax model folder.
+
+  python tools/convert_stylegan2.py --input stylegan2-ffhq-256x256.pkl \
+      --output models/stylegan2-ffhq-256
+
+reads an NVIDIA `.pkl` (NVlabs/stylegan3 or stylegan2-ada-pytorch; `G_ema`)
+without running anything from it, or a `torch.save`d state dict with
+`--config generator.json`, and writes `model.json` plus an orbax checkpoint
+that `synthdistill_jax.models.stylegan2.load(DIR)` reads without PyTorch.
+Errors are one line on stderr and a non-zero exit status.
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+
+from synthdistill_jax import models
+from synthdistill_jax import safe_pickle
+from synthdistill_jax.convert import stylegan2 as convert_stylegan2
+
+
+def parse_args(argv):
+  """Parses the command line."""
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--input", required=True, help=".pkl or state dict")
+  parser.add_argument("--output", required=True, help="model folder to write")
+  parser.add_argument(
+      "--config",
+      default=None,
+      help="JSON generator kwargs, required for a state dict input",
+  )
+  return parser.parse_args(argv)
+
+
+def convert(input_path: str, output: str, config: str | None = None) -> str:
+  """Converts one checkpoint.
+
+  Args:
+    input_path: NVIDIA pickle or state dict.
+    output: model folder to create.
+    config: JSON file of generator kwargs (state dicts only).
+
+  Returns:
+    A one-line summary of what was written.
+  """
+  if pathlib.Path(output, models.registry.MODEL_JSON).exists():
+    raise convert_stylegan2.ConversionError(f"{output}: already holds a model")
+  kwargs, state, metadata = convert_stylegan2.read_checkpoint(
+      input_path, config
+  )
+  module = models.create_model("stylegan2", **kwargs)
+  variables = convert_stylegan2.state_dict_to_variables(
+      state, module, input_path
+  )
+  metadata = dict(metadata, source=str(pathlib.Path(input_path).name))
+  models.save(output, "stylegan2", kwargs, variables, metadata)
+  defaults = metadata.get("defaults_used") or {}
+  note = f"; writer defaults used: {json.dumps(defaults)}" if defaults else ""
+  return (
+      f"wrote {output}: {kwargs['img_resolution']}px StyleGAN2, num_ws"
+      f" {module.num_ws}, {len(state)} tensors{note}"
+  )
+
+
+def main(argv=None) -> int:
+  """Entry point; returns the exit status."""
+  args = parse_args(argv)
+  try:
+    print(convert(args.input, args.output, args.config))
+  except (
+      convert_stylegan2.ConversionError,
+      safe_pickle.UnsafePickleError,
+      ImportError,
+      OSError,
+  ) as e:
+    message = " ".join(str(e).split())
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
