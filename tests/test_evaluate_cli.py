@@ -1,0 +1,216 @@
+"""Evaluation end to end: the embedder, the trainer hook and the CLI.
+
+A tiny IResNet with random weights embeds test-written faces: same pairs are
+noisy copies of one smooth random pattern, so even a random network tells
+them apart from different pairs; the CLI's numbers are checked against a
+direct computation with `module.apply`.
+"""
+
+import json
+import os
+import pathlib
+import pickle
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+
+from synthdistill_jax import evaluate
+from synthdistill_jax import models
+from synthdistill_jax import verification
+from synthdistill_jax.data import verification_bin
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY_KWARGS = {"layers": [1, 1, 1, 1], "widths": [4, 8, 8, 8]}
+TINY_KWARGS["embedding_size"] = 32
+
+
+def _random_leaf(path, leaf, rng):
+  # Deterministic numpy values in the spirit of the golden recipe; compiling
+  # `module.init` (threefry) costs far more than the network itself here.
+  name = str(getattr(path[-1], "key", path[-1]))
+  normal = rng.standard_normal(leaf.shape)
+  if name == "kernel":
+    value = normal / np.sqrt(np.prod(leaf.shape[:-1]))
+  elif name == "scale":
+    value = 1.0 + 0.1 * normal
+  elif name == "var":
+    value = 1.0 + 0.1 * np.abs(normal)
+  elif name == "alpha":
+    value = 0.25 + 0.05 * normal
+  else:  # bias, mean
+    value = 0.1 * normal
+  return value.astype(leaf.dtype)
+
+
+def create_tiny_model(seed: int = 0):
+  """A small IResNet with random weights and BN statistics."""
+  module = models.create_model("iresnet18", **TINY_KWARGS)
+  shapes = jax.eval_shape(
+      module.init, jax.random.key(0), np.zeros((1, 112, 112, 3), np.float32)
+  )
+  rng = np.random.default_rng(seed)
+  variables = jax.tree_util.tree_map_with_path(
+      lambda p, x: _random_leaf(p, x, rng), shapes
+  )
+  return module, variables
+
+
+def save_tiny_model(directory, seed: int = 0):
+  module, variables = create_tiny_model(seed)
+  models.save(directory, "iresnet18", TINY_KWARGS, variables)
+  return module, variables
+
+
+def make_faces(num_pairs: int, seed: int = 0, noise: int = 60):
+  """2N uint8 faces and N labels; same pairs share a smooth pattern."""
+  rng = np.random.default_rng(seed)
+
+  def pattern():
+    small = rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((112, 112), Image.Resampling.BICUBIC)
+    return np.asarray(img).astype(np.int16)
+
+  images, issame = [], []
+  for i in range(num_pairs):
+    same = i % 2 == 0
+    a = pattern()
+    b = a if same else pattern()
+    for face in (a, b):
+      noisy = face + rng.integers(-noise, noise + 1, face.shape)
+      images.append(np.clip(noisy, 0, 255).astype(np.uint8))
+    issame.append(same)
+  return np.stack(images), np.array(issame)
+
+
+def embed_directly(module, variables, images):
+  """Reference embeddings: one `module.apply` per set, flip with numpy."""
+  x = (images.astype(np.float32) / 255.0 - 0.5) / 0.5
+  apply = jax.jit(lambda v, x: module.apply(v, x, train=False))
+  return np.asarray(apply(variables, x)), np.asarray(
+      apply(variables, x[:, :, ::-1])
+  )
+
+
+def test_embedder_pads_flips_and_shards():
+  module, variables = create_tiny_model()
+  images, _ = make_faces(10, seed=1)
+  embed = evaluate.create_embedder(module, variables, batch_size=12)
+  emb, flip = embed([images[:7], images[7:]])  # Two uneven batches.
+  ref, ref_flip = embed_directly(module, variables, images)
+  assert emb.shape == (20, 32) and emb.dtype == np.float32
+  scale = np.abs(ref).max()
+  np.testing.assert_allclose(emb, ref, atol=1e-5 * scale, rtol=0)
+  np.testing.assert_allclose(flip, ref_flip, atol=1e-5 * scale, rtol=0)
+  assert np.abs(flip - emb).max() > 1e-3 * scale  # The flip is not a no-op.
+
+
+def test_run_evaluators_trainer_hook(tmp_path):
+  module, variables = create_tiny_model()
+  config = evaluate.default_evals_config()
+  assert evaluate.run_evaluators(config, module, variables) == {}
+  images, issame = make_faces(40, seed=2)
+  verification_bin.write_bin(tmp_path / "mini.bin", images, issame)
+  config.bins = [str(tmp_path / "mini.bin")]
+  config.batch_size = 16
+  metrics = evaluate.run_evaluators(config, module, variables)
+  assert set(metrics) == {
+      f"mini/{k}"
+      for k in (
+          "accuracy",
+          "accuracy_std",
+          "accuracy_noflip",
+          "accuracy_noflip_std",
+          "val",
+          "val_std",
+          "far",
+          "xnorm",
+      )
+  }
+  emb, flip = embed_directly(module, variables, images)
+  want = verification.evaluate(verification.combine_flip(emb, flip), issame)
+  assert metrics["mini/accuracy"] == pytest.approx(np.mean(want.accuracy))
+  assert isinstance(config, ml_collections.ConfigDict)
+
+
+def _run_cli(*args):
+  return subprocess.run(
+      [sys.executable, "-m", "synthdistill_jax.evaluate", *args],
+      capture_output=True,
+      text=True,
+      cwd=ROOT,
+      env=dict(os.environ, PYTHONPATH=str(ROOT)),
+      timeout=300,
+      check=False,
+  )
+
+
+def test_cli_workdir_report_matches_direct_computation(tmp_path):
+  module, variables = save_tiny_model(tmp_path / "run" / "student")
+  images, issame = make_faces(200, seed=3)
+  verification_bin.write_bin(tmp_path / "toy.bin", images, issame)
+  result = _run_cli(
+      f"--workdir={tmp_path / 'run'}",
+      f"--bins={tmp_path / 'toy.bin'}",
+      "--batch_size=64",
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = tmp_path / "run" / "eval"
+  report = json.loads((out / "report.json").read_text())
+  got = report["benchmarks"]["toy"]
+  emb, flip = embed_directly(module, variables, images)
+  want = verification.evaluate(verification.combine_flip(emb, flip), issame)
+  plain = verification.evaluate(verification.combine_flip(emb, None), issame)
+  assert got["pairs"] == 200
+  # Float32 rounding differs between batchings; a decision could move by
+  # at most a pair, and usually none does.
+  assert abs(got["accuracy"] - np.mean(want.accuracy)) <= 1 / 200
+  assert abs(got["accuracy_noflip"] - np.mean(plain.accuracy)) <= 1 / 200
+  assert abs(got["val"] - want.val) <= 1 / 100
+  assert 0.6 < got["accuracy"] < 1.0  # Informative, not saturated.
+  assert "| toy | 200 |" in (out / "report.md").read_text()
+  with Image.open(out / "roc_toy.png") as png:
+    assert png.format == "PNG" and png.size[0] >= 300
+
+
+def test_cli_hostile_bin_runs_nothing(tmp_path):
+  save_tiny_model(tmp_path / "model")
+  images, issame = make_faces(10, seed=4)
+  verification_bin.write_bin(tmp_path / "good.bin", images, issame)
+  marker = tmp_path / "pwned"
+  # A pickle that would run os.mkdir if it were unpickled naively.
+  payload = pickle.dumps((_Evil(str(marker)), [True]))
+  (tmp_path / "evil.bin").write_bytes(payload)
+  result = _run_cli(
+      f"--model={tmp_path / 'model'}",
+      f"--bins={tmp_path / 'good.bin'},{tmp_path / 'evil.bin'}",
+  )
+  assert result.returncode == 2
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and "evil.bin" in last
+  assert "refused global" in last and "Traceback" not in result.stderr
+  assert not marker.exists()
+  assert not (tmp_path / "model" / "eval").exists()
+
+
+def test_cli_usage_errors(tmp_path):
+  result = _run_cli(f"--model={tmp_path / 'absent'}", "--bins=x.bin")
+  assert result.returncode == 2
+  assert "absent: no such model" in result.stderr.strip().splitlines()[-1]
+  (tmp_path / "toy.bin").write_bytes(pickle.dumps(([b"\x89PNG"] * 3, [True])))
+  result = _run_cli(f"--model={tmp_path}", f"--bins={tmp_path / 'toy.bin'}")
+  assert result.returncode == 2
+  assert "3 images for 1 pairs" in result.stderr
+
+
+class _Evil:
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.mkdir, (self.marker,))
