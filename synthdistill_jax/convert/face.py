@@ -263,7 +263,10 @@ def load_face_model(path: str | os.PathLike, arch: str, **kwargs: Any):
   """
   path = os.fspath(path)
   if not arch.startswith(STUDENT_PREFIX) and arch not in FACE_ARCHS:
-    _create(arch)  # Raises the unknown-architecture error.
+    raise ValueError(
+        f"{path}: unknown face-model architecture {arch!r}; known:"
+        f" {', '.join(FACE_ARCHS)} and tinyfar_a/b/c"
+    )
   state_dict = load_state_dict(path)
   if not arch.startswith(STUDENT_PREFIX):
     return variables_from_state_dict(arch, state_dict, source=path, **kwargs)

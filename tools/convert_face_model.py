@@ -1,0 +1,164 @@
+"""Converts a PyTorch face-network checkpoint into a synthdistill-jax model.
+
+  python tools/convert_face_model.py --arch iresnet100 \\
+      --input backbone.pth --output models/arcface_r100 [--summary]
+
+Architectures: iresnet18/34/50/100/200 and mobilefacenet (insightface
+`arcface_torch` backbones), tinyfar_a/b/c (a SynthDistill student checkpoint,
+or a timm ImageNet TinyNet checkpoint to initialise a student). The file is
+read with `torch.load(weights_only=True)`: nothing in it is run. Keys must
+match exactly (`module.` prefixes are stripped; `num_batches_tracked` may be
+absent). The output folder holds `model.json` and an orbax checkpoint, read
+back without torch by `synthdistill_jax.models.load(DIR)`.
+
+`--summary` prints PyTorch-style parameter counts (running statistics
+excluded) per top-level module and in total, with the reference count of the
+official model when the architecture has its default shape. Errors are one
+line on stderr and exit status 1.
+"""
+
+import argparse
+import collections
+import hashlib
+import os
+import sys
+
+from synthdistill_jax import models
+from synthdistill_jax import safe_pickle
+from synthdistill_jax.convert import face
+
+# PyTorch parameter counts of the official models at default settings
+# (IResNet, MobileFaceNet: insightface arcface_torch; TinyFaR: SynthDistill).
+REFERENCE_PARAMS = {
+    "iresnet18": 24_025_600,
+    "iresnet34": 34_138_048,
+    "iresnet50": 43_590_848,
+    "iresnet100": 65_155_648,
+    "iresnet200": 110_258_880,
+    "mobilefacenet": 2_059_520,
+    "tinyfar_a": 5_562_844,
+    "tinyfar_b": 3_105_434,
+    "tinyfar_c": 1_832_106,
+}
+# Constructor arguments that do not change the parameter count.
+_COUNT_NEUTRAL = {"bn_eps", "dtype", "dropout"}
+_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+  """Parses the command line (see the module docstring)."""
+  parser = argparse.ArgumentParser(
+      description=__doc__.split("\n\n", maxsplit=1)[0]
+  )
+  parser.add_argument("--arch", required=True, help="architecture name")
+  parser.add_argument("--input", required=True, help="PyTorch .pth file")
+  parser.add_argument("--output", help="model folder to write")
+  parser.add_argument(
+      "--summary", action="store_true", help="print parameter counts"
+  )
+  parser.add_argument(
+      "--bn-eps",
+      type=float,
+      default=None,
+      help="BatchNorm epsilon (default 1e-5; 2e-5 for old MXNet ports)",
+  )
+  parser.add_argument(
+      "--dtype",
+      default=None,
+      help="compute dtype saved in model.json (float32, bfloat16)",
+  )
+  args = parser.parse_args(argv)
+  if not args.output and not args.summary:
+    parser.error("give --output DIR, --summary, or both")
+  return args
+
+
+def count_parameters(arch: str, variables, kwargs) -> dict[str, int]:
+  """PyTorch parameter count per top-level module, in state-dict order.
+
+  Args:
+    arch: registry name.
+    variables: the converted Flax variables.
+    kwargs: their constructor arguments.
+
+  Returns:
+    `{top-level module name: count}`; running statistics are buffers in
+    PyTorch and not counted.
+  """
+  state_dict = face.state_dict_from_variables(arch, variables, **kwargs)
+  counts = collections.OrderedDict()
+  for key, value in state_dict.items():
+    if key.rsplit(".", 1)[-1] in _BUFFERS:
+      continue
+    top = key.split(".", 1)[0]
+    counts[top] = counts.get(top, 0) + int(value.size)
+  return counts
+
+
+def format_summary(arch: str, counts: dict[str, int], kwargs) -> str:
+  """The `--summary` table as text."""
+  width = max(len(k) for k in counts) + 2
+  lines = [f"{arch}: parameters (PyTorch count, running statistics excluded)"]
+  lines += [f"  {k:<{width}}{v:>14,}" for k, v in counts.items()]
+  total = sum(counts.values())
+  line = f"  {'total':<{width}}{total:>14,}"
+  reference = REFERENCE_PARAMS.get(arch)
+  if reference is not None and set(kwargs) <= _COUNT_NEUTRAL:
+    verdict = "matches" if total == reference else "DIFFERS FROM"
+    line += f"  ({verdict} the reference {reference:,})"
+  lines.append(line)
+  return "\n".join(lines)
+
+
+def sha256(path: str) -> str:
+  """Hex SHA-256 of a file."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def convert(args: argparse.Namespace) -> None:
+  """Reads, checks, optionally summarises and writes the model."""
+  kwargs = {}
+  if args.bn_eps is not None:
+    kwargs["bn_eps"] = args.bn_eps
+  if args.dtype is not None:
+    kwargs["dtype"] = args.dtype
+  if args.output and os.path.exists(
+      os.path.join(args.output, models.registry.MODEL_JSON)
+  ):
+    raise FileExistsError(f"{args.output}: already holds a model")
+  _, variables = face.load_face_model(args.input, args.arch, **kwargs)
+  if args.summary:
+    print(format_summary(args.arch, count_parameters(args.arch, variables, kwargs), kwargs))
+  if args.output:
+    metadata = {
+        "source": os.path.abspath(args.input),
+        "sha256": sha256(args.input),
+        "converted_by": "tools/convert_face_model.py",
+    }
+    path = models.save(args.output, args.arch, kwargs, variables, metadata)
+    print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs the tool; returns the exit status."""
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    convert(args)
+  except (
+      OSError,
+      ValueError,
+      ImportError,
+      safe_pickle.UnsafePickleError,
+  ) as e:
+    message = " ".join(str(e).split())  # Always exactly one line.
+    print(f"convert_face_model: error: {message}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
