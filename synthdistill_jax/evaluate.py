@@ -177,6 +177,14 @@ def evaluate_ijb(
 ) -> BenchmarkResult:
   """IJB-B/C 1:1 verification (see `synthdistill_jax.ijb`).
 
+  Args:
+    meta: from `ijb.read_meta`.
+    name: benchmark name ('ijbb', 'ijbc').
+    image_dir: folder of the images the meta files name.
+    embed: from `create_embedder`.
+    batch_size: images per batch.
+    aligned: images are aligned 112x112 faces already.
+
   Returns:
     A `BenchmarkResult` with `tar_far_1e-6` ... `tar_far_1e-1` and `auc`.
   """
@@ -211,6 +219,12 @@ class _Inputs:
 
 def read_inputs(evals_config) -> _Inputs:
   """Reads and validates every benchmark file before any model runs.
+
+  Args:
+    evals_config: see `default_evals_config`.
+
+  Returns:
+    The validated bins and IJB meta files.
 
   Raises:
     BinFormatError, IJBFormatError: one-line messages naming the file.

@@ -256,6 +256,12 @@ def iterate_faces(
 ) -> Iterator[np.ndarray]:
   """Streams the aligned faces of every meta row in order.
 
+  Args:
+    meta: from `read_meta`.
+    image_dir: folder of the images the meta files name.
+    batch_size: faces per batch.
+    aligned: images are aligned 112x112 faces already.
+
   Yields:
     uint8 NHWC batches [b, 112, 112, 3].
   """
@@ -298,6 +304,11 @@ def pool_templates(
 def score_pairs(template_features, unique_templates, pairs) -> np.ndarray:
   """Cosine score of each template pair.
 
+  Args:
+    template_features: [T, D] L2-normalised template features.
+    unique_templates: [T] sorted template ids (rows of the features).
+    pairs: [P, 2] template ids.
+
   Returns:
     [P] float64 scores.
   """
@@ -309,6 +320,10 @@ def score_pairs(template_features, unique_templates, pairs) -> np.ndarray:
 
 def roc_curve(labels: np.ndarray, scores: np.ndarray):
   """`sklearn.metrics.roc_curve(labels, scores)` (drop_intermediate=True).
+
+  Args:
+    labels: [P] 1 for genuine pairs, 0 for impostors.
+    scores: [P] similarity scores (higher = more similar).
 
   Returns:
     `(fpr, tpr, thresholds)`.
@@ -338,6 +353,11 @@ def tar_at_far(fpr, tpr, targets=FAR_TARGETS) -> dict[float, float]:
 
   Among equally near points the one with the highest TAR wins (upstream
   flips the curve and takes the first minimum).
+
+  Args:
+    fpr: ROC false-positive rates, from `roc_curve`.
+    tpr: ROC true-positive rates.
+    targets: FARs to read.
 
   Returns:
     `{far_target: tar}`.
