@@ -15,6 +15,7 @@ numpy arrays (torch tensors are accepted and converted).
 """
 
 import collections
+import functools
 import logging
 from typing import Any, Iterator
 
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from synthdistill_jax.convert import torch_io
 from synthdistill_jax.models import tinynet
 
 SYNTHDISTILL = "synthdistill"
@@ -136,50 +138,26 @@ def expected_shapes(arch: str, **kwargs: Any) -> dict[str, tuple[int, ...]]:
   Returns:
     An ordered dict of every `LightNetwork.state_dict()` key and its shape.
   """
-  module = tinynet.create(arch, **kwargs)
+  return collections.OrderedDict(
+      _cached_shapes(arch, tuple(sorted(kwargs.items())))
+  )
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_shapes(arch, kwargs_items):
+  # Tracing the network takes seconds; the layout only depends on the config.
+  module = tinynet.create(arch, **dict(kwargs_items))
   shapes = _init_shapes(module)
-  out = collections.OrderedDict()
+  out = []
   for key, collection, path in _entries(module):
     if collection is None:
-      out[key] = ()
+      out.append((key, ()))
     else:
       shape = _get(shapes[collection], path).shape
-      out[key] = tuple(_to_torch_layout(np.empty(shape, np.bool_)).shape)
-  return out
-
-
-def check_keys(
-    state_dict: dict[str, Any],
-    expected: dict[str, tuple[int, ...]],
-    source: str,
-    optional: tuple[str, ...] = (),
-) -> None:
-  """Raises a one-line ValueError on missing, unexpected or misshapen keys.
-
-  Args:
-    state_dict: key -> array.
-    expected: key -> shape.
-    source: what to name in the message (usually the file path).
-    optional: expected keys that may be missing.
-  """
-  missing = [k for k in expected if k not in state_dict and k not in optional]
-  unexpected = [k for k in state_dict if k not in expected]
-  misshapen = [
-      f"{k} {tuple(np.shape(state_dict[k]))} != {tuple(shape)}"
-      for k, shape in expected.items()
-      if k in state_dict and tuple(np.shape(state_dict[k])) != tuple(shape)
-  ]
-  problems = []
-  for label, items in (
-      ("missing", missing),
-      ("unexpected", unexpected),
-      ("misshapen", misshapen),
-  ):
-    if items:
-      shown = ", ".join(items[:5]) + (" ..." if len(items) > 5 else "")
-      problems.append(f"{len(items)} {label} key(s): {shown}")
-  if problems:
-    raise ValueError(f"{source}: " + "; ".join(problems))
+      out.append(
+          (key, tuple(_to_torch_layout(np.empty(shape, np.bool_)).shape))
+      )
+  return tuple(out)
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -212,9 +190,7 @@ def detect_format(
 
 def _normalise(state_dict, source):
   """numpy values, no `module.` prefix, SynthDistill key names."""
-  sd = {k: _to_numpy(v) for k, v in state_dict.items()}
-  if sd and all(k.startswith("module.") for k in sd):
-    sd = {k[len("module.") :]: v for k, v in sd.items()}
+  sd = torch_io.strip_prefix({k: _to_numpy(v) for k, v in state_dict.items()})
   fmt = detect_format(sd, source)
   if fmt == TIMM:
     for k in ("classifier.weight", "classifier.bias"):
@@ -252,7 +228,7 @@ def variables_from_state_dict(
   optional = tuple(k for k in expected if k.endswith(".num_batches_tracked"))
   if fmt == TIMM:
     optional += ("fc.weight", "fc.bias")
-  check_keys(sd, expected, source, optional)
+  torch_io.check_keys(sd, expected, f"{source} (as {arch})", optional)
   variables = {"params": {}, "batch_stats": {}}
   for key, collection, path in _entries(module):
     if collection is None or key not in sd:
@@ -263,9 +239,10 @@ def variables_from_state_dict(
     value = _to_flax_layout(value.astype(np.float32))
     _set(variables[collection], path, np.ascontiguousarray(value))
   if fmt == TIMM:
-    x = jnp.zeros((1, 112, 112, 3), jnp.float32)
-    init = module.init(jax.random.key(seed), x)
-    variables["params"]["fc"] = jax.tree.map(np.asarray, init["params"]["fc"])
+    fan_in = module.head_features()
+    head = tinynet.create_head(module.embedding_size, fan_in)
+    init = head.init(jax.random.key(seed), jnp.zeros((1, fan_in)))
+    variables["params"]["fc"] = jax.tree.map(np.asarray, init["params"])
     logging.info(
         "%s: timm ImageNet tinynet checkpoint; classifier dropped, fc head"
         " freshly initialised with seed %d",

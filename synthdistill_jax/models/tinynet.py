@@ -192,6 +192,30 @@ def _torch_linear_bias_init(fan_in):
   return init
 
 
+def create_head(
+    embedding_size: int, fan_in: int, dtype: Any = jnp.float32, name=None
+) -> nn.Dense:
+  """The `fc` head, initialised as `torch.nn.Linear` (kaiming_uniform a=√5).
+
+  Args:
+    embedding_size: output features.
+    fan_in: input features (the backbone's `num_features`).
+    dtype: compute dtype; params are float32.
+    name: submodule name ('fc' inside `TinyFaR`).
+
+  Returns:
+    A `nn.Dense` whose kernel and bias are U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+  """
+  return nn.Dense(
+      embedding_size,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+      bias_init=_torch_linear_bias_init(fan_in),
+      name=name,
+  )
+
+
 class SqueezeExcite(nn.Module):
   """timm's EfficientNet `SqueezeExcite`: mean, reduce, SiLU, expand, sigmoid.
 
@@ -332,18 +356,8 @@ class TinyFaR(nn.Module):
     x = layers.conv(self.head_features(), 1, dtype=dtype, name="conv_head")(x)
     x = nn.silu(bn("bn2")(x, train=train))
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    fan_in = features.shape[-1]
-    # torch.nn.Linear's default init (kaiming_uniform with a=sqrt(5)).
-    out = nn.Dense(
-        self.embedding_size,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=nn.initializers.variance_scaling(
-            1 / 3, "fan_in", "uniform"
-        ),
-        bias_init=_torch_linear_bias_init(fan_in),
-        name="fc",
-    )(features.astype(dtype))
+    head = create_head(self.embedding_size, features.shape[-1], dtype, "fc")
+    out = head(features.astype(dtype))
     return out.astype(jnp.float32)
 
 

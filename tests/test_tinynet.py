@@ -1,0 +1,253 @@
+"""TinyFaR students: timm layout, parameter counts, golden parity, name map."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from synthdistill_jax import models
+from synthdistill_jax.convert import tinynet as convert_tinynet
+from synthdistill_jax.models import tinynet
+from tests import golden
+
+# timm 0.6.13 `tinynet_x` (num_classes=0) + Linear(1280, 512).
+PARAM_COUNTS = {
+    "tinyfar_a": 5_562_844,
+    "tinyfar_b": 3_105_434,
+    "tinyfar_c": 1_832_106,
+}
+FC_PARAMS = 1280 * 512 + 512
+
+
+def _nhwc(x):
+  return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("arch", tinynet.ARCHS)
+def test_param_count_equals_timm(arch):
+  assert tinynet.count_arch_params(arch) == PARAM_COUNTS[arch]
+
+
+def test_rounding_rules_match_timm():
+  # make_divisible never rounds down by more than 10 %.
+  assert tinynet.make_divisible(16 * 0.54) == 8
+  assert tinynet.make_divisible(40 * 0.54) == 24
+  assert tinynet.make_divisible(11.0) == 16  # 8 would lose 27 %.
+  # Stage depth uses Python's round (half to even), at least one block.
+  assert [tinynet.scale_depth(r, 0.85) for r in (1, 2, 3, 4)] == [1, 2, 3, 3]
+  assert tinynet.scale_depth(3, 1.2) == 4
+  assert tinynet.scale_depth(1, 0.4) == 1
+
+
+@pytest.mark.parametrize("case", ["tinyfar_a", "tinyfar_c"])
+def test_layout_equals_golden_manifest(case):
+  """Keys, order and shapes of every state_dict entry, SE widths included."""
+  rows = golden.load_manifest(case)["tensors"]
+  expected = convert_tinynet.expected_shapes(case)
+  assert list(expected) == [row["name"] for row in rows]
+  assert [expected[row["name"]] for row in rows] == [
+      tuple(row["shape"]) for row in rows
+  ]
+
+
+@pytest.mark.parametrize("case", ["tinyfar_a", "tinyfar_c"])
+def test_golden_parity_float32(case):
+  module, variables = convert_tinynet.variables_from_state_dict(
+      case, golden.state_dict(case)
+  )
+  arrays = golden.load_arrays(case)
+  out = np.asarray(jax.jit(module.apply)(variables, _nhwc(arrays["x"])))
+  ref = arrays["out"]
+  assert out.dtype == np.float32 and out.shape == ref.shape
+  assert np.max(np.abs(out - ref)) <= 1e-4 * np.max(np.abs(ref))
+  cos = np.sum(out * ref, 1) / np.linalg.norm(out, axis=1)
+  cos /= np.linalg.norm(ref, axis=1)
+  assert np.min(cos) >= 0.99999
+
+
+@pytest.mark.parametrize("case", ["tinyfar_a", "tinyfar_c"])
+def test_state_dict_round_trip_is_exact(case):
+  state_dict = golden.state_dict(case)
+  _, variables = convert_tinynet.variables_from_state_dict(case, state_dict)
+  back = convert_tinynet.state_dict_from_variables(case, variables)
+  assert list(back) == list(state_dict)
+  for key, value in state_dict.items():
+    assert back[key].dtype == value.dtype, key
+    np.testing.assert_array_equal(back[key], value, err_msg=key)
+
+
+def test_variables_have_the_flax_layout():
+  _, variables = convert_tinynet.variables_from_state_dict(
+      "tinyfar_c", golden.state_dict("tinyfar_c")
+  )
+  module = tinynet.create("tinyfar_c")
+  shapes = jax.eval_shape(
+      module.init, jax.random.key(0), jnp.zeros((1, 112, 112, 3))
+  )
+  got = jax.tree.map(lambda a: (a.shape, a.dtype), variables)
+  want = jax.tree.map(lambda a: (a.shape, a.dtype), shapes)
+  assert got == want
+  stem = golden.state_dict("tinyfar_c")["cnn.conv_stem.weight"]
+  np.testing.assert_array_equal(
+      variables["params"]["conv_stem"]["kernel"], stem.transpose(2, 3, 1, 0)
+  )
+
+
+def _timm_imagenet_state_dict(case):
+  """The golden backbone laid out as timm's ImageNet `tinynet_x` file."""
+  sd = golden.state_dict(case)
+  timm_sd = {k[len("cnn.") :]: v for k, v in sd.items() if k.startswith("cnn.")}
+  rng = np.random.default_rng(0)
+  timm_sd["classifier.weight"] = rng.standard_normal((1000, 1280), np.float32)
+  timm_sd["classifier.bias"] = np.zeros((1000,), np.float32)
+  return sd, timm_sd
+
+
+def test_timm_imagenet_checkpoint_gets_a_fresh_head():
+  sd, timm_sd = _timm_imagenet_state_dict("tinyfar_c")
+  assert convert_tinynet.detect_format(timm_sd) == convert_tinynet.TIMM
+  _, v0 = convert_tinynet.variables_from_state_dict("tinyfar_c", timm_sd)
+  _, v0b = convert_tinynet.variables_from_state_dict("tinyfar_c", timm_sd)
+  _, v1 = convert_tinynet.variables_from_state_dict(
+      "tinyfar_c", timm_sd, seed=1
+  )
+  back = convert_tinynet.state_dict_from_variables("tinyfar_c", v0)
+  for key in sd:
+    if key.startswith("cnn."):
+      np.testing.assert_array_equal(back[key], sd[key], err_msg=key)
+  fc0, fc1 = v0["params"]["fc"], v1["params"]["fc"]
+  assert fc0["kernel"].shape == (1280, 512) and fc0["bias"].shape == (512,)
+  np.testing.assert_array_equal(fc0["kernel"], v0b["params"]["fc"]["kernel"])
+  assert not np.array_equal(fc0["kernel"], fc1["kernel"])
+  # torch.nn.Linear's init: U(-1/sqrt(1280), 1/sqrt(1280)).
+  bound = 1 / np.sqrt(1280)
+  assert np.max(np.abs(fc0["kernel"])) <= bound
+  assert np.std(fc0["kernel"]) == pytest.approx(bound / np.sqrt(3), rel=0.02)
+
+
+def test_dataparallel_prefix_and_missing_counters_are_accepted():
+  sd = golden.state_dict("tinyfar_c")
+  wrapped = {
+      f"module.{k}": v
+      for k, v in sd.items()
+      if not k.endswith("num_batches_tracked")
+  }
+  _, variables = convert_tinynet.variables_from_state_dict("tinyfar_c", wrapped)
+  back = convert_tinynet.state_dict_from_variables("tinyfar_c", variables)
+  np.testing.assert_array_equal(back["fc.weight"], sd["fc.weight"])
+
+
+@pytest.mark.parametrize(
+    "edit,words",
+    [
+        (lambda sd: sd.pop("cnn.blocks.2.1.se.conv_reduce.bias"), "missing"),
+        (
+            lambda sd: sd.__setitem__("cnn.extra.weight", np.zeros(3)),
+            "unexpected",
+        ),
+        (
+            lambda sd: sd.__setitem__("fc.weight", np.zeros((128, 1280))),
+            "misshapen",
+        ),
+    ],
+)
+def test_bad_state_dicts_fail_in_one_line(edit, words):
+  sd = golden.state_dict("tinyfar_c")
+  edit(sd)
+  with pytest.raises(ValueError) as info:
+    convert_tinynet.variables_from_state_dict(
+        "tinyfar_c", sd, source="student.pt"
+    )
+  message = str(info.value)
+  assert "\n" not in message
+  assert message.startswith("student.pt") and words in message
+
+
+def test_wrong_architecture_is_reported():
+  with pytest.raises(ValueError, match="student.pt.*misshapen"):
+    convert_tinynet.variables_from_state_dict(
+        "tinyfar_a", golden.state_dict("tinyfar_c"), source="student.pt"
+    )
+  with pytest.raises(ValueError, match="x.pt: neither"):
+    convert_tinynet.variables_from_state_dict(
+        "tinyfar_c", {"weight": np.zeros(3)}, source="x.pt"
+    )
+
+
+def test_torch_tensors_are_accepted():
+  pytest.importorskip("torch")
+  case = "tinyfar_c"
+  _, ours = convert_tinynet.variables_from_state_dict(
+      case, golden.torch_state_dict(case)
+  )
+  _, ref = convert_tinynet.variables_from_state_dict(
+      case, golden.state_dict(case)
+  )
+  jax.tree.map(np.testing.assert_array_equal, ours, ref)
+
+
+def test_registry_builds_and_saves_students(tmp_path):
+  module = models.create_model("tinyfar_b", embedding_size=128)
+  assert module.embedding_size == 128 and module.width_multiplier == 0.75
+  with pytest.raises(ValueError, match="dtype"):
+    tinynet.create("tinyfar_c", dtype="float16")
+  _, variables = convert_tinynet.variables_from_state_dict(
+      "tinyfar_c", golden.state_dict("tinyfar_c")
+  )
+  models.save(tmp_path / "m", "tinyfar_c", {"dtype": "float32"}, variables)
+  loaded_module, loaded = models.load(tmp_path / "m")
+  assert isinstance(loaded_module, tinynet.TinyFaR)
+  jax.tree.map(np.testing.assert_array_equal, loaded, variables)
+
+
+def _random_variables(module, x):
+  """Well-scaled random variables from shapes alone (no RNG compile)."""
+  rng = np.random.default_rng(0)
+
+  def fill(path, leaf):
+    name = path[-1].key
+    if name in ("kernel",):
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      return rng.standard_normal(leaf.shape).astype(np.float32) / np.sqrt(
+          fan_in
+      )
+    if name in ("scale", "var"):
+      return (1 + 0.1 * np.abs(rng.standard_normal(leaf.shape))).astype(
+          np.float32
+      )
+    return (0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
+
+  shapes = jax.eval_shape(module.init, jax.random.key(0), x)
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_output():
+  module = tinynet.create("tinyfar_c", dtype="bfloat16")
+  x = jax.ShapeDtypeStruct((2, 112, 112, 3), jnp.float32)
+  variables = jax.eval_shape(module.init, jax.random.key(0), x)
+  assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(variables))
+  out = jax.eval_shape(module.apply, variables, x)
+  assert out.dtype == jnp.float32 and out.shape == (2, 512)
+  out, updates = jax.eval_shape(
+      lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"]),
+      variables,
+      x,
+  )
+  assert out.dtype == jnp.float32
+  assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(updates))
+
+
+def test_bfloat16_block_is_close_to_float32():
+  # One stride-2 inverted residual with SE: compiling a whole network in
+  # bfloat16 on CPU takes far longer and exercises the same layers.
+  spec = tinynet.build_block_specs(0.54, 0.85)[2][0]
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, spec.in_chs))
+  f32 = tinynet.Block(spec)
+  bf16 = tinynet.Block(spec, dtype=jnp.bfloat16)
+  variables = _random_variables(f32, x)
+  ref = jax.jit(f32.apply)(variables, x)
+  out = jax.jit(bf16.apply)(variables, x)
+  assert out.dtype == jnp.bfloat16
+  out, ref = np.asarray(out, np.float32).ravel(), np.asarray(ref).ravel()
+  # bfloat16 keeps 8 bits of mantissa: close, not parity.
+  assert out @ ref / np.linalg.norm(out) / np.linalg.norm(ref) > 0.999
