@@ -1,0 +1,157 @@
+"""Checkpoints: orbax `CheckpointManager`, resume order, preemption, export.
+
+Resume order: the latest complete checkpoint in `WORKDIR/checkpoints` (orbax
+only lists finished ones, so a run killed mid-save resumes from the one
+before); otherwise a fresh start from the config seed. A checkpoint holds the
+whole `distill.TrainState` (student params, batch stats, optimiser state,
+iteration and root key), never the frozen networks. Restoring it gives the
+same bits, so an interrupted and resumed run ends where an uninterrupted one
+does.
+
+SIGTERM (preemption) only sets a flag; the training loop saves at the next
+iteration boundary and returns cleanly.
+"""
+
+import os
+import pathlib
+import shutil
+import signal
+import threading
+from typing import Any
+
+import jax
+from jax.experimental import multihost_utils
+import orbax.checkpoint as ocp
+
+from synthdistill_jax import models
+
+
+def create_manager(
+    directory: str | os.PathLike, *, keep: int, use_async: bool
+) -> ocp.CheckpointManager:
+  """A `CheckpointManager` over `directory`, keeping the last `keep` saves.
+
+  Args:
+    directory: the checkpoint folder (created if missing).
+    keep: how many checkpoints to keep.
+    use_async: write in a background thread (training continues).
+
+  Returns:
+    The manager; close it with `.close()`.
+  """
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep,
+      enable_async_checkpointing=use_async,
+      create=True,
+  )
+  return ocp.CheckpointManager(
+      pathlib.Path(directory).absolute(), options=options
+  )
+
+
+def save(manager: ocp.CheckpointManager, state: Any, *, force=True) -> bool:
+  """Saves `state` under its iteration number (`state.step`).
+
+  Args:
+    manager: from `create_manager`.
+    state: a `distill.TrainState` of global arrays.
+    force: save even if the manager's policy would skip this step.
+
+  Returns:
+    Whether a save was started.
+  """
+  step = int(jax.device_get(state.step))
+  if step in manager.all_steps():
+    return False
+  return manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any):
+  """Restores the latest checkpoint onto `abstract_state`'s shardings.
+
+  Args:
+    manager: from `create_manager`.
+    abstract_state: a `TrainState` of `jax.ShapeDtypeStruct`s with shardings.
+
+  Returns:
+    The restored state, or None when there is no checkpoint yet.
+  """
+  step = manager.latest_step()
+  if step is None:
+    return None
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+class PreemptionFlag:
+  """Turns SIGTERM into a flag the training loop polls.
+
+  Use as a context manager; the previous handler is restored on exit.
+  """
+
+  def __init__(self):
+    self._event = threading.Event()
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self._event.set()
+
+  def is_set(self, sync: bool = False) -> bool:
+    """Whether SIGTERM arrived (on any host when `sync`: a collective)."""
+    local = self._event.is_set()
+    if not sync or jax.process_count() == 1:
+      return local
+    flags = multihost_utils.process_allgather(int(local))
+    return bool(flags.max())
+
+
+def export_student(
+    workdir: str | os.PathLike,
+    arch: str,
+    kwargs: dict,
+    variables: Any,
+    metadata: dict,
+) -> pathlib.Path:
+  """Writes the student as a model folder `WORKDIR/student`, replacing it.
+
+  The folder is written next to the old one and swapped in by renames, so a
+  reader sees either the old or the new model, never half of one.
+
+  Args:
+    workdir: the training workdir.
+    arch: the student's registry name.
+    kwargs: its constructor arguments.
+    variables: host numpy `{'params', 'batch_stats'}`.
+    metadata: free-form (step, config name, ...).
+
+  Returns:
+    The path of `WORKDIR/student`.
+  """
+  workdir = pathlib.Path(workdir).absolute()
+  final = workdir / "student"
+  tmp = workdir / f"student.tmp-{metadata.get('step', 0)}"
+  old = workdir / "student.old"
+  primary = jax.process_index() == 0
+  if primary and tmp.exists():
+    shutil.rmtree(tmp)
+  multihost_utils.sync_global_devices("export_student:start")
+  models.save(tmp, arch, kwargs, variables, metadata)
+  multihost_utils.sync_global_devices("export_student:written")
+  if primary:
+    if old.exists():
+      shutil.rmtree(old)
+    if final.exists():
+      final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+  multihost_utils.sync_global_devices("export_student:done")
+  return final

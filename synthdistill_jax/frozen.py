@@ -1,0 +1,277 @@
+"""Builds the three networks of a config: generator, teacher, student.
+
+The generator and the teacher are frozen: read from converted checkpoint
+folders (`tools/convert_*.py`), or, for the demo and tests, built in code with
+a random initialisation. A random teacher's BatchNorm running statistics are
+then estimated on generated faces (`teacher.calibrate_batches`), so that its
+eval-mode embeddings are well scaled, as a trained network's are.
+
+Every mistake a user can make in these config fields raises `ConfigError`
+with one line naming the field and the value.
+"""
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from synthdistill_jax import distill
+from synthdistill_jax import faces
+from synthdistill_jax import models
+from synthdistill_jax import sharding
+from synthdistill_jax.models import registry
+
+GENERATOR_ARCH = "stylegan2"
+FACE_SIZE = faces.FACE_SIZE
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message is one line for the user."""
+
+
+@dataclasses.dataclass
+class Network:
+  """A Flax module with its variables and how to rebuild it.
+
+  Attributes:
+    module: the Flax module.
+    variables: host numpy variables.
+    arch: registry name.
+    kwargs: constructor arguments (JSON-serialisable).
+  """
+
+  module: Any
+  variables: Any
+  arch: str
+  kwargs: dict
+
+
+def face_archs() -> list[str]:
+  """Registry names usable as teacher or student."""
+  return [a for a in registry.architectures() if a != GENERATOR_ARCH]
+
+
+def _kwargs(cfg, field: str = "kwargs") -> dict:
+  value = cfg.get(field) or {}
+  return dict(value.to_dict() if hasattr(value, "to_dict") else value)
+
+
+def _read_folder(directory: str, field: str, expect_arch=None) -> dict:
+  """Checks a model folder and returns its `model.json`."""
+  if not os.path.isdir(directory):
+    raise ConfigError(f"{field}={directory!r}: no such checkpoint folder")
+  try:
+    config = registry.read_config(directory)
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(f"{field}={directory!r}: {e}") from None
+  if expect_arch == GENERATOR_ARCH and config["arch"] != GENERATOR_ARCH:
+    raise ConfigError(
+        f"{field}={directory!r}: holds a {config['arch']!r} model, not a"
+        " StyleGAN2 generator"
+    )
+  if expect_arch == "face" and config["arch"] == GENERATOR_ARCH:
+    raise ConfigError(
+        f"{field}={directory!r}: holds a StyleGAN2 generator, not a face"
+        " network"
+    )
+  return config
+
+
+def _load(directory: str, field: str, expect_arch, overrides) -> Network:
+  config = _read_folder(directory, field, expect_arch)
+  module, variables = models.load(directory, **overrides)
+  kwargs = dict(config["kwargs"], **overrides)
+  return Network(module, variables, config["arch"], kwargs)
+
+
+def build_generator(cfg) -> Network:
+  """The frozen generator of `config.generator`.
+
+  Args:
+    cfg: `config.generator` (`checkpoint`, or `random` kwargs + `init_seed`;
+      `dtype`).
+
+  Returns:
+    The generator `Network`.
+  """
+  overrides = {"dtype": cfg.dtype} if cfg.get("dtype") else {}
+  if cfg.get("checkpoint"):
+    net = _load(
+        cfg.checkpoint, "generator.checkpoint", GENERATOR_ARCH, overrides
+    )
+  else:
+    from synthdistill_jax.models import stylegan2  # pylint: disable=g-import-not-at-top
+
+    kwargs = dict(_kwargs(cfg, "random"), **overrides)
+    try:
+      module = models.create_model(GENERATOR_ARCH, **kwargs)
+      variables = stylegan2.init_variables(
+          module, jax.random.key(cfg.get("init_seed", 0))
+      )
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"generator.random={kwargs}: {e}") from None
+    net = Network(module, jax.device_get(variables), GENERATOR_ARCH, kwargs)
+  if net.module.c_dim:
+    raise ConfigError(
+        f"generator: c_dim={net.module.c_dim}; only unconditional generators"
+        " are supported"
+    )
+  faces.compute_crop_box(net.module.img_resolution)
+  return net
+
+
+def _init_face_network(arch: str, kwargs: dict, seed: int, field: str):
+  if arch not in face_archs():
+    raise ConfigError(
+        f"{field}.arch={arch!r}: unknown face network; known:"
+        f" {', '.join(face_archs())}"
+    )
+  try:
+    module = models.create_model(arch, **kwargs)
+    x = jnp.zeros((2, FACE_SIZE, FACE_SIZE, 3), jnp.float32)
+    variables = jax.jit(lambda k: module.init(k, x, train=False))(
+        jax.random.key(seed)
+    )
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"{field}.kwargs={kwargs}: {e}") from None
+  return Network(module, jax.device_get(variables), arch, kwargs)
+
+
+def build_teacher(cfg) -> Network:
+  """The frozen teacher of `config.teacher` (calibrated later if random).
+
+  Args:
+    cfg: `config.teacher` (`checkpoint`, or `arch` + `kwargs` + `init_seed`;
+      `dtype`).
+
+  Returns:
+    The teacher `Network`.
+  """
+  overrides = {"dtype": cfg.dtype} if cfg.get("dtype") else {}
+  if cfg.get("checkpoint"):
+    return _load(cfg.checkpoint, "teacher.checkpoint", "face", overrides)
+  kwargs = dict(_kwargs(cfg), **overrides)
+  return _init_face_network(
+      cfg.arch, kwargs, cfg.get("init_seed", 1), "teacher"
+  )
+
+
+def build_student(cfg, seed: int) -> Network:
+  """The student of `config.student`, randomly initialised or pre-trained.
+
+  With `init_checkpoint` (e.g. a converted timm ImageNet TinyNet), every
+  variable whose path and shape match is taken from it; the others (such as
+  the new embedding head) keep their random initialisation.
+
+  Args:
+    cfg: `config.student` (`arch`, `kwargs`, `dtype`, `init_checkpoint`).
+    seed: initialisation seed.
+
+  Returns:
+    The student `Network`.
+  """
+  kwargs = _kwargs(cfg)
+  if cfg.get("dtype"):
+    kwargs["dtype"] = cfg.dtype
+  net = _init_face_network(cfg.arch, kwargs, seed, "student")
+  if cfg.get("init_checkpoint"):
+    _read_folder(cfg.init_checkpoint, "student.init_checkpoint", "face")
+    _, pretrained = models.load(cfg.init_checkpoint)
+    net.variables = merge_matching(net.variables, pretrained)
+  return net
+
+
+def merge_matching(target: Any, source: Any) -> Any:
+  """`target` with every leaf that `source` has at the same path and shape.
+
+  Args:
+    target: nested dict of arrays.
+    source: nested dict of arrays.
+
+  Returns:
+    A new nested dict.
+  """
+  if not isinstance(target, dict):
+    ok = source is not None and np.shape(source) == np.shape(target)
+    return np.asarray(source, np.asarray(target).dtype) if ok else target
+  source = source if isinstance(source, dict) else {}
+  return {k: merge_matching(v, source.get(k)) for k, v in target.items()}
+
+
+def calibrate_teacher(teacher: Network, faces_batches) -> Network:
+  """Sets a random teacher's BN running stats from generated faces.
+
+  Runs the teacher in train mode on each batch, reads the batch statistics
+  back from the momentum-0.1 running-stat update and averages them over the
+  batches, so that eval mode sees normalised activations.
+
+  Args:
+    teacher: the teacher network (random init).
+    faces_batches: iterable of `[B, 112, 112, 3]` faces in [0, 1].
+
+  Returns:
+    The teacher with new `batch_stats`.
+  """
+
+  @jax.jit
+  def batch_stats(variables, x):
+    _, upd = teacher.module.apply(
+        variables,
+        faces.normalise_for_teacher(x),
+        train=True,
+        mutable=["batch_stats"],
+    )
+    return upd["batch_stats"]
+
+  variables = teacher.variables
+  total, n = None, 0
+  for x in faces_batches:
+    # The layer blends old and batch stats with momentum 0.1: undo it to
+    # read the batch statistics themselves.
+    new = batch_stats(variables, x)
+    est = jax.tree.map(
+        lambda a, b: (b - 0.9 * a) / 0.1, variables["batch_stats"], new
+    )
+    total = est if total is None else jax.tree.map(jnp.add, total, est)
+    n += 1
+  if n:
+    stats = jax.device_get(jax.tree.map(lambda a: a / n, total))
+    teacher.variables = dict(teacher.variables, batch_stats=stats)
+  return teacher
+
+
+def create_renderer(spec, mesh, num: int):
+  """A compiled `(gen_vars, key) -> (images, faces)` for `num` latents.
+
+  Used for the face grid and the teacher calibration (compiled once).
+
+  Args:
+    spec: the `distill.DistillSpec` (generator, psi, noise mode).
+    mesh: the device mesh.
+    num: how many samples per call.
+
+  Returns:
+    A function returning host numpy `[num, R, R, 3]` generator images and
+    `[num, 112, 112, 3]` faces in [0, 1].
+  """
+  spec = dataclasses.replace(spec, batch_sharding=None)
+
+  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+  def render(gen_vars, key):
+    w = distill.sample_latents(spec, gen_vars, key, num)
+    n, gen = w.shape[0], spec.generator
+    ws = jnp.broadcast_to(w[:, None], (n, gen.num_ws, w.shape[1]))
+    img = gen.apply(
+        gen_vars,
+        ws,
+        noise_mode=spec.noise_mode,
+        rngs={"noise": key},
+        method="synthesis",
+    )
+    return img, faces.generator_to_faces(img)
+
+  return lambda gen_vars, key: sharding.to_host(render(gen_vars, key))

@@ -1,0 +1,181 @@
+"""The pure iteration functions: loss, re-sampling rule, updates, iteration."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from synthdistill_jax import distill
+from synthdistill_jax import frozen
+from synthdistill_jax import train
+
+TINY_GENERATOR = dict(
+    z_dim=16,
+    w_dim=16,
+    img_resolution=32,
+    mapping_layers=2,
+    channel_base=128,
+    channel_max=16,
+    num_fp16_res=0,
+)
+TINY_FACE_NET = dict(
+    layers=(1, 1, 1, 1), widths=(4, 8, 8, 8), embedding_size=16
+)
+
+
+def test_cosine_matches_torch_definition():
+  s = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]], np.float32)
+  t = np.array([[1.0, 0.0], [-1.0, -1.0], [1.0, 0.0]], np.float32)
+  np.testing.assert_allclose(
+      distill.cosine_similarity(s, t), [1, -1, 0], atol=1e-6
+  )
+
+
+@pytest.mark.parametrize("kind", distill.LOSSES)
+def test_losses(kind):
+  rng = np.random.default_rng(0)
+  s = rng.normal(size=(4, 8)).astype(np.float32)
+  t = rng.normal(size=(4, 8)).astype(np.float32)
+  loss, parts = distill.distill_loss(s, t, kind)
+  mse = np.mean((s - t) ** 2)
+  cos = np.mean(
+      np.sum(s * t, 1) / np.linalg.norm(s, axis=1) / np.linalg.norm(t, axis=1)
+  )
+  np.testing.assert_allclose(parts["mse"], mse, rtol=1e-6)
+  np.testing.assert_allclose(parts["cosine"], cos, rtol=1e-5)
+  want = {"mse": mse, "cosine": 1 - cos, "mse+cosine": mse + 1 - cos}[kind]
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+
+
+def test_resampling_perturbation_scales_with_cosine():
+  # Four samples with cos(s, t) = -1, 0, 0.5, 1: the rule moves w by
+  # coef * (cos + 1) / 2 * eps, so the perturbation std is 0, .5, .75, 1
+  # times coef, and hard samples (cos = -1) do not move at all.
+  coef, dim = 0.8, 20000
+  t = np.tile(np.array([[1.0, 0.0]], np.float32), (4, 1))
+  s = np.array(
+      [[-1.0, 0.0], [0.0, 1.0], [0.5, np.sqrt(0.75)], [2.0, 0.0]], np.float32
+  )
+  w = np.random.default_rng(1).normal(size=(4, dim)).astype(np.float32)
+  eps = jax.random.normal(jax.random.PRNGKey(0), (4, dim))
+  new = np.asarray(distill.resample_latents(w, s, t, eps, coef))
+  delta = new - w
+  expected = coef * np.array([0.0, 0.5, 0.75, 1.0])
+  np.testing.assert_allclose(delta.std(axis=1), expected, rtol=0.03, atol=1e-6)
+  assert np.abs(delta.mean(axis=1)).max() < 0.03
+  # Exactly the rule, per sample.
+  c = (np.asarray(distill.cosine_similarity(s, t)) + 1) / 2
+  np.testing.assert_allclose(delta, coef * c[:, None] * eps, atol=1e-5)
+
+
+def _spec(sampler="resample", batch=4, loss="mse"):
+  gen = frozen.build_generator(
+      ml_collections.ConfigDict(
+          dict(checkpoint="", random=TINY_GENERATOR, init_seed=0, dtype="")
+      )
+  )
+  teacher = frozen.build_teacher(
+      ml_collections.ConfigDict(
+          dict(checkpoint="", arch="iresnet18", kwargs=TINY_FACE_NET, dtype="")
+      )
+  )
+  student = frozen.build_student(
+      ml_collections.ConfigDict(
+          dict(arch="iresnet18", kwargs=TINY_FACE_NET, init_checkpoint="")
+      ),
+      seed=3,
+  )
+  tx = optax.adam(1e-3)
+  spec = distill.DistillSpec(
+      generator=gen.module,
+      teacher=teacher.module,
+      student=student.module,
+      tx=tx,
+      schedule=lambda count: jnp.asarray(1e-3),
+      batch_size=batch,
+      sampler=sampler,
+      loss=loss,
+  )
+  v = student.variables
+  state = distill.TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=v["params"],
+      batch_stats=v["batch_stats"],
+      opt_state=tx.init(v["params"]),
+      rng=jax.random.PRNGKey(0),
+  )
+  return spec, state, gen.variables, teacher.variables
+
+
+def test_sample_latents_do_not_depend_on_batch_size():
+  spec, _, gen_vars, _ = _spec(batch=4)
+  key = jax.random.PRNGKey(7)
+  w4 = distill.sample_latents(spec, gen_vars, key, 4)
+  w2 = distill.sample_latents(spec, gen_vars, key, 2)
+  np.testing.assert_array_equal(w4[:2], w2)
+  assert w4.shape == (4, TINY_GENERATOR["w_dim"])
+
+
+def test_render_faces_shape_and_range():
+  spec, _, gen_vars, _ = _spec()
+  w = distill.sample_latents(spec, gen_vars, jax.random.PRNGKey(1))
+  x = distill.render_faces(spec, gen_vars, w, jax.random.PRNGKey(2))
+  assert x.shape == (4, 112, 112, 3)
+  assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+
+
+def test_iteration_is_two_adam_updates_with_resampling():
+  spec, state, gen_vars, t_vars = _spec()
+  step = jax.jit(lambda st: distill.iteration(spec, st, gen_vars, t_vars))
+  new, metrics = step(state)
+  assert int(new.step) == 1
+  assert int(new.opt_state[0].count) == 2  # Two optimiser updates.
+  # Replay by hand: update k of the iteration uses key fold_in(key, 4k + tag)
+  # with tags z=0, noise=1, eps=2; update 1 re-samples update 0's latents.
+  key = jax.random.fold_in(state.rng, 0)
+  sub = lambda k, tag: jax.random.fold_in(key, 4 * k + tag)
+  w = distill.sample_latents(spec, gen_vars, sub(0, 0))
+  x = distill.render_faces(spec, gen_vars, w, sub(0, 1))
+  t = distill.embed_teacher(spec, t_vars, x)
+  mid, m1, s = distill.train_step(spec, state, x, t, 0)
+  eps = jax.random.normal(sub(1, 2), w.shape)
+  w2 = distill.resample_latents(w, s, t, eps, 1.0)
+  x2 = distill.render_faces(spec, gen_vars, w2, sub(1, 1))
+  t2 = distill.embed_teacher(spec, t_vars, x2)
+  _, m2, _ = distill.train_step(spec, mid, x2, t2, 1)
+  np.testing.assert_allclose(metrics["loss_first"], m1["loss"], rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss_second"], m2["loss"], rtol=1e-5)
+  assert float(metrics["update_norm"]) > 0
+  for name in ("grad_norm", "param_norm", "learning_rate", "cosine", "mse"):
+    assert np.isfinite(float(metrics[name])), name
+
+
+def test_train_step_reduces_loss_on_a_fixed_batch():
+  spec, state, gen_vars, t_vars = _spec()
+  w = distill.sample_latents(spec, gen_vars, jax.random.PRNGKey(5))
+  x = distill.render_faces(spec, gen_vars, w, jax.random.PRNGKey(6))
+  t = distill.embed_teacher(spec, t_vars, x)
+  step = jax.jit(lambda st: distill.train_step(spec, st, x, t, 0)[:2])
+  losses = []
+  for _ in range(15):
+    state, m = step(state)
+    losses.append(float(m["loss"]))
+  assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_dynamic_uses_fresh_latents_and_static_uses_given_batches():
+  spec, state, gen_vars, t_vars = _spec(sampler="dynamic")
+  _, m = distill.iteration(spec, state, gen_vars, t_vars)
+  assert np.isfinite(float(m["loss"]))
+  static = dataclasses.replace(spec, sampler="static", generator=None)
+  rng = np.random.default_rng(0)
+  batch = (
+      rng.integers(0, 256, (4, 112, 112, 3)).astype(np.uint8),
+      rng.normal(size=(4, 16)).astype(np.float32),
+  )
+  new, m = distill.iteration(static, state, None, None, (batch, batch))
+  assert int(new.step) == 1 and np.isfinite(float(m["loss"]))
