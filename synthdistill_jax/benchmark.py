@@ -24,6 +24,7 @@ on the values. The JSON and the table say so.
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -32,7 +33,7 @@ import resource
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -40,14 +41,29 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
+from synthdistill_jax import distill
+from synthdistill_jax import faces
+from synthdistill_jax import frozen
+from synthdistill_jax import sharding
+from synthdistill_jax import train
+from synthdistill_jax.models import registry
+
+# New attributes are accepted so that kwargs dicts such as generator.random
+# can gain keys from the command line (`--config.generator.random.x=y`).
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (path[:arg])."
+    "config",
+    None,
+    "Experiment config file (path[:arg]).",
+    lock_config=False,
+    accept_new_attributes=True,
 )
 _COMPARE = config_flags.DEFINE_config_file(
     "compare",
     None,
     "Second config to run side by side in the same process; overrides via"
     " --compare.x=y. The ratio second/first is printed.",
+    lock_config=False,
+    accept_new_attributes=True,
 )
 _OUTPUT = flags.DEFINE_string("output", "benchmark.json", "JSON output path.")
 _BATCH_SIZE = flags.DEFINE_integer(
@@ -92,21 +108,18 @@ class Stage:
 
   Attributes:
     name: row label.
-    fn: the function to jit (frozen weights are among its arguments).
+    jitted: a `jax.jit` function (frozen weights are among its arguments).
     args: its arguments (device arrays / pytrees).
     images: images one call processes (for images/s and FLOPs per image).
     carry: if True the first output replaces the first argument on the next
       call (a training state threaded through the loop, as the trainer does).
-    jitted: an already-jitted function (with the trainer's shardings and
-      donation); `fn` is jitted plainly when None.
   """
 
   name: str
-  fn: Callable[..., Any]
+  jitted: Any
   args: tuple[Any, ...]
   images: int
   carry: bool = False
-  jitted: Any = None
 
 
 def look_up_datasheet(device_kind: str, dtype: str) -> float | None:
@@ -180,7 +193,7 @@ def read_peak_memory() -> dict[str, Any]:
   return {"source": "process max RSS", "peak_bytes": int(rss)}
 
 
-def time_stage(stage: Stage, warmup: int, iters: int) -> dict[str, Any]:
+def time_stage(stage: Stage, warmup: int, iters: int):
   """Compiles a stage ahead of time, then times `iters` calls after `warmup`.
 
   Args:
@@ -189,11 +202,11 @@ def time_stage(stage: Stage, warmup: int, iters: int) -> dict[str, Any]:
     iters: timed calls; each is followed by `block_until_ready`.
 
   Returns:
-    A dict of timings (seconds), FLOPs, images/s and memory figures.
+    `(record, last_output)`: timings (seconds), FLOPs, images/s and memory
+    figures; the output feeds the next stage.
   """
-  jitted = stage.jitted if stage.jitted is not None else jax.jit(stage.fn)
   start = time.perf_counter()
-  lowered = jitted.lower(*stage.args)
+  lowered = stage.jitted.lower(*stage.args)
   trace_s = time.perf_counter() - start
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
@@ -210,7 +223,7 @@ def time_stage(stage: Stage, warmup: int, iters: int) -> dict[str, Any]:
   seconds = statistics.median(times)
   flops = read_flops(compiled)
   n_devices = count_devices(compiled)
-  return {
+  record = {
       "images_per_call": stage.images,
       "devices": n_devices,
       "seconds_median": seconds,
@@ -225,6 +238,7 @@ def time_stage(stage: Stage, warmup: int, iters: int) -> dict[str, Any]:
       "flops_per_s": flops / seconds,
       "memory": read_memory_analysis(compiled),
   }
+  return record, out
 
 
 def measure_peak(dtype: str, size: int, warmup: int, iters: int) -> dict:
@@ -242,8 +256,8 @@ def measure_peak(dtype: str, size: int, warmup: int, iters: int) -> dict:
   keys = jax.random.split(jax.random.key(0))
   a = jax.random.normal(keys[0], (size, size), jnp.float32).astype(dtype)
   b = jax.random.normal(keys[1], (size, size), jnp.float32).astype(dtype)
-  stage = Stage("peak matmul", jnp.matmul, (a, b), images=1)
-  timing = time_stage(stage, warmup, iters)
+  stage = Stage("peak matmul", jax.jit(jnp.matmul), (a, b), images=1)
+  timing, _ = time_stage(stage, warmup, iters)
   # Count 2 n^3 ourselves: the analysis may not see through library calls.
   flops = 2.0 * size**3
   return {
@@ -253,6 +267,197 @@ def measure_peak(dtype: str, size: int, warmup: int, iters: int) -> dict:
       "flops_per_s": flops / timing["seconds_median"],
       "cost_analysis_flops": timing["flops_per_call"],
   }
+
+
+# ----------------------------------------------------------------------------
+# The stages, built with the trainer's own functions and shardings.
+
+# The paper's generator (stylegan2-ffhq-256x256.pkl) when no checkpoint is
+# read: shapes from docs REFERENCE, values random.
+FFHQ_256 = dict(
+    z_dim=512,
+    w_dim=512,
+    img_resolution=256,
+    mapping_layers=8,
+    channel_base=16384,
+    channel_max=512,
+    num_fp16_res=4,
+    conv_clamp=256,
+)
+STAGE_NAMES = (
+    "generate (map+synth)",
+    "face crop",
+    "teacher forward",
+    "student fwd+bwd+update",
+    "iteration (2 updates)",
+)
+
+
+def read_compute_dtype(config) -> str:
+  """The dtype of the peak matmul: a 16-bit dtype if any network uses one."""
+  dtypes = {
+      str(config[n].get("dtype") or "float32")
+      for n in ("generator", "teacher", "student")
+  }
+  return next((d for d in ("bfloat16", "float16") if d in dtypes), "float32")
+
+
+def _checkpoint_kwargs(directory: str) -> dict:
+  """Constructor kwargs of a model folder, {} when there is none."""
+  if not os.path.isdir(directory):
+    return {}
+  kwargs = dict(registry.read_config(directory)["kwargs"])
+  kwargs.pop("dtype", None)  # The config's dtype decides.
+  return kwargs
+
+
+def use_random_weights(config, force: bool) -> str:
+  """Swaps missing (or, with `force`, all) checkpoints for random networks.
+
+  The shapes come from the checkpoint's `model.json` when the folder exists,
+  else from the paper's networks (FFHQ-256 generator, `teacher.arch`).
+
+  Args:
+    config: the experiment config (changed in place).
+    force: replace checkpoints that exist too.
+
+  Returns:
+    A label of where the frozen weights come from.
+  """
+  notes = []
+  gen, teacher = config.generator, config.teacher
+  if gen.checkpoint and (force or not os.path.isdir(gen.checkpoint)):
+    kwargs = _checkpoint_kwargs(gen.checkpoint) or dict(FFHQ_256)
+    # The official code runs the top resolutions in fp16 on GPUs: follow
+    # the configured dtype there unless the config says otherwise.
+    kwargs["fp16_dtype"] = gen.dtype
+    kwargs.update(gen.random.to_dict())
+    gen.random, gen.checkpoint = kwargs, ""
+    notes.append(f"generator random {kwargs['img_resolution']}px")
+  elif not gen.checkpoint:
+    notes.append("generator random (config)")
+  if teacher.checkpoint and (force or not os.path.isdir(teacher.checkpoint)):
+    teacher.kwargs = dict(
+        _checkpoint_kwargs(teacher.checkpoint), **teacher.kwargs.to_dict()
+    )
+    teacher.checkpoint = ""
+    notes.append(f"teacher random {teacher.arch}")
+  elif not teacher.checkpoint:
+    notes.append(f"teacher random {teacher.arch} (config)")
+  return ", ".join(notes) if notes else "checkpoints"
+
+
+def prepare_training(config, random_weights: bool) -> dict[str, Any]:
+  """Mesh, frozen networks, spec, state and the jitted iteration.
+
+  The same calls, in the same order, as `train.train_and_evaluate`.
+
+  Args:
+    config: the experiment config.
+    random_weights: force random frozen networks.
+
+  Returns:
+    A dict of everything the stages need.
+  """
+  weights = use_random_weights(config, random_weights)
+  try:
+    mesh = sharding.create_mesh(config.mesh.num_devices)
+  except ValueError as e:
+    raise frozen.ConfigError(str(e)) from None
+  train.check_config(config, mesh.size)
+  if config.sampler.kind == "static":
+    raise frozen.ConfigError(
+        "sampler.kind='static': the benchmark times the generator, use"
+        " 'dynamic' or 'resample'"
+    )
+  generator, teacher, student = train.build_networks(config)
+  tx, schedule = train.create_optimizer(config)
+  spec = distill.DistillSpec(
+      generator=generator.module,
+      teacher=teacher.module,
+      student=student.module,
+      tx=tx,
+      schedule=schedule,
+      batch_size=config.schedule.batch_size,
+      sampler=config.sampler.kind,
+      loss=config.loss,
+      resampling_coef=config.sampler.resampling_coef,
+      truncation_psi=config.generator.truncation_psi,
+      noise_mode=config.generator.noise_mode,
+      batch_sharding=sharding.batch_sharding(mesh),
+  )
+  gen_vars = sharding.put_replicated(mesh, generator.variables)
+  if not config.teacher.checkpoint and config.teacher.calibrate_batches:
+    render = frozen.create_renderer(spec, mesh, config.schedule.batch_size)
+    teacher = train.calibrate_random_teacher(config, render, teacher, gen_vars)
+  teacher_vars = sharding.put_replicated(mesh, teacher.variables)
+  state, state_shardings = train.create_state(mesh, config, student, tx)
+  iterate, _ = train.compile_programs(spec, mesh, state_shardings)
+  return dict(
+      weights=weights,
+      mesh=mesh,
+      spec=spec,
+      gen_vars=gen_vars,
+      teacher_vars=teacher_vars,
+      state=state,
+      state_shardings=state_shardings,
+      iterate=iterate,
+  )
+
+
+def build_stages(ctx: dict[str, Any], key: jax.Array) -> list:
+  """The stages in order, as `(name, jitted, make_args, images, carry)`.
+
+  Each stage runs a trainer function (`distill.*`, `faces.*`, the trainer's
+  jitted iteration) with the trainer's shardings; `make_args(outputs)` builds
+  its arguments from the last outputs of the earlier stages, so the crop sees
+  generated images, the teacher cropped faces, and so on.
+
+  Args:
+    ctx: from `prepare_training`.
+    key: PRNG key of the generated batch.
+
+  Returns:
+    A list of tuples, see above; `carry` threads the training state.
+  """
+  spec, mesh, n = ctx["spec"], ctx["mesh"], ctx["spec"].batch_size
+  rep, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  gen, crop, teach, upd, it = STAGE_NAMES
+
+  def generate(gen_vars, key):
+    # `distill.render_faces` without the crop, which is timed on its own.
+    w = distill.sample_latents(spec, gen_vars, jax.random.fold_in(key, 0))
+    ws = jnp.broadcast_to(w[:, None], (n, spec.generator.num_ws, w.shape[1]))
+    noise = {"noise": jax.random.fold_in(key, 1)}
+    return spec.generator.apply(
+        gen_vars, ws, noise_mode=spec.noise_mode, rngs=noise, method="synthesis"
+    )
+
+  def update(state, x, t):
+    return distill.train_step(spec, state, x, t, 0)[:2]
+
+  embed = functools.partial(distill.embed_teacher, spec)
+  state_sh = ctx["state_shardings"]
+  gv, tv = ctx["gen_vars"], ctx["teacher_vars"]
+  return [
+      (gen, jax.jit(generate, out_shardings=batch), lambda o: (gv, key), n),
+      (crop, jax.jit(faces.generator_to_faces), lambda o: (o[gen],), n),
+      (teach, jax.jit(embed), lambda o: (tv, o[crop]), n),
+      (
+          upd,
+          jax.jit(update, out_shardings=(state_sh, rep), donate_argnums=0),
+          lambda o: (ctx["state"], o[crop], o[teach]),
+          n,
+          True,
+      ),
+      (
+          it,
+          ctx["iterate"],
+          lambda o: (o[upd][0], gv, tv, None),
+          n * distill.UPDATES_PER_ITERATION,
+          True,
+      ),
+  ]
 
 
 def run_benchmark(
@@ -272,24 +477,26 @@ def run_benchmark(
   """
   dtype = read_compute_dtype(config)
   peak = measure_peak(dtype, peak_size, warmup, max(iters, 3))
-  stages, weights_note = build_stages(config, random_weights)
+  ctx = prepare_training(config, random_weights)
   device = jax.devices()[0]
   datasheet = look_up_datasheet(device.device_kind, dtype)
-  results = {}
-  for stage in stages:
-    timing = time_stage(stage, warmup, iters)
+  results, outputs = {}, {}
+  key = jax.random.PRNGKey(config.seed)
+  for name, jitted, make_args, images, *carry in build_stages(ctx, key):
+    stage = Stage(name, jitted, make_args(outputs), images, bool(carry))
+    timing, outputs[name] = time_stage(stage, warmup, iters)
     per_device = timing["flops_per_s"] / timing["devices"]
     timing["mfu"] = per_device / peak["flops_per_s"]
     timing["mfu_datasheet"] = per_device / datasheet if datasheet else None
-    results[stage.name] = timing
+    results[name] = timing
   return {
       "config": describe_config(config),
       "compute_dtype": dtype,
       "batch_size": int(config.schedule.batch_size),
-      "weights": weights_note,
+      "weights": ctx["weights"],
       "backend": jax.default_backend(),
       "device_kind": device.device_kind,
-      "num_devices": jax.device_count(),
+      "num_devices": ctx["mesh"].size,
       "peak": peak,
       "datasheet_flops_per_s": datasheet,
       "stages": results,
@@ -416,10 +623,12 @@ def main(argv: list[str]) -> None:
           )
       )
       print(format_table(results[-1]), flush=True)
-  except (ValueError, KeyError, FileNotFoundError) as e:
+  except (frozen.ConfigError, FileNotFoundError) as e:
     sys.exit(f"benchmark: error: {e}")
   record = {
-      "date": datetime.datetime.now().astimezone().isoformat(timespec="s"),
+      "date": datetime.datetime.now()
+      .astimezone()
+      .isoformat(timespec="seconds"),
       "command": " ".join(
           ["python -m synthdistill_jax.benchmark"] + sys.argv[1:]
       ),

@@ -59,10 +59,12 @@ def test_time_stage_threads_the_carried_state():
     return state + increment, jnp.sum(state)
 
   stage = benchmark.Stage(
-      "toy", step, (jnp.zeros(4), jnp.ones(4)), images=4, carry=True
+      "toy", jax.jit(step), (jnp.zeros(4), jnp.ones(4)), images=4, carry=True
   )
-  timing = benchmark.time_stage(stage, warmup=1, iters=3)
+  timing, out = benchmark.time_stage(stage, warmup=1, iters=3)
   assert len(calls) == 1
+  # 1 warm-up + 3 timed calls, each adding one to the carried state.
+  assert jnp.all(out[0] == 4.0)
   assert len(timing["seconds_all"]) == 3
   assert timing["images_per_s"] > 0
   assert timing["flops_per_call"] >= 0
@@ -80,3 +82,46 @@ def test_read_peak_memory_is_positive():
   memory = benchmark.read_peak_memory()
   assert memory["peak_bytes"] > 0
   assert memory["source"]
+
+
+def test_cli_on_the_demo_config_writes_table_and_json(tmp_path):
+  output = tmp_path / "bench.json"
+  # The demo config at batch 8 (one face per simulated device); the student is
+  # swapped for a tiny IResNet so that compiling its backward pass stays
+  # within the test budget on 2 cores.
+  command = [
+      sys.executable,
+      "-m",
+      "synthdistill_jax.benchmark",
+      "--config=configs/demo.py",
+      "--config.student.arch=iresnet18",
+      "--config.student.kwargs.layers=(1,1,1,1)",
+      "--config.student.kwargs.widths=(8,8,8,8)",
+      "--config.teacher.calibrate_batches=1",
+      "--batch_size=8",
+      "--warmup=1",
+      "--iters=1",
+      "--peak_size=256",
+      f"--output={output}",
+  ]
+  result = subprocess.run(
+      command, cwd=ROOT, capture_output=True, text=True, check=False
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  record = json.loads(output.read_text())
+  (run,) = record["runs"]
+  assert run["num_devices"] == jax.device_count()
+  assert run["peak"]["flops_per_s"] > 0
+  assert "random" in run["weights"]
+  assert tuple(run["stages"]) == STAGES
+  for name, stage in run["stages"].items():
+    assert stage["images_per_s"] > 0, name
+    assert stage["images_per_s_per_device"] > 0, name
+    assert stage["flops_per_image"] > 0, name
+    assert stage["mfu"] > 0, name
+    assert "mfu_datasheet" in stage, name
+    assert stage["compile_s"] > 0, name
+    assert stage["images_per_call"] == (16 if "iteration" in name else 8)
+    assert name in result.stdout  # The table row.
+  assert "MFU" in result.stdout and "peak memory" in result.stdout
+  assert run["peak_memory"]["peak_bytes"] > 0
