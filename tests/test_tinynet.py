@@ -186,6 +186,23 @@ def test_torch_tensors_are_accepted():
   jax.tree.map(np.testing.assert_array_equal, ours, ref)
 
 
+def test_load_face_model_reads_a_student_file(tmp_path):
+  torch = pytest.importorskip("torch")
+  from synthdistill_jax import convert  # pylint: disable=g-import-not-at-top
+
+  state_dict = golden.torch_state_dict("tinyfar_c")
+  path = tmp_path / "light_model_20.pt"
+  torch.save(state_dict, path)
+  _, variables = convert.load_face_model(path, "tinyfar_c")
+  back = convert_tinynet.state_dict_from_variables("tinyfar_c", variables)
+  for key, value in state_dict.items():
+    np.testing.assert_array_equal(back[key], value.numpy(), err_msg=key)
+  del state_dict["fc.bias"]
+  torch.save(state_dict, path)
+  with pytest.raises(ValueError, match=f"{path}.*missing.*fc.bias"):
+    convert.load_face_model(path, "tinyfar_c")
+
+
 def test_registry_builds_and_saves_students(tmp_path):
   module = models.create_model("tinyfar_b", embedding_size=128)
   assert module.embedding_size == 128 and module.width_multiplier == 0.75

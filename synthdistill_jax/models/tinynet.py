@@ -80,7 +80,15 @@ def make_divisible(
 
 
 def round_channels(channels: int, multiplier: float) -> int:
-  """timm's `round_channels`: scale by the width multiplier, then round."""
+  """timm's `round_channels`: scale by the width multiplier, then round.
+
+  Args:
+    channels: the EfficientNet-B0 channel count.
+    multiplier: the width multiplier (0 or None: unchanged).
+
+  Returns:
+    The rounded channel count.
+  """
   if not multiplier:
     return channels
   return make_divisible(channels * multiplier)
@@ -91,6 +99,13 @@ def scale_depth(repeats: int, multiplier: float) -> int:
 
   Each B0 stage holds one block string, so the stage total is simply
   `round(repeats * multiplier)` (Python's round half to even), at least 1.
+
+  Args:
+    repeats: the stage's EfficientNet-B0 block count.
+    multiplier: the depth multiplier.
+
+  Returns:
+    The stage's block count.
   """
   return max(1, round(repeats * multiplier))
 
