@@ -27,19 +27,24 @@ from synthdistill_jax import models
 from synthdistill_jax import safe_pickle
 from synthdistill_jax.convert import face
 
-# PyTorch parameter counts of the official models at default settings
-# (IResNet, MobileFaceNet: insightface arcface_torch; TinyFaR: SynthDistill).
+# PyTorch parameter counts of the official models at default settings,
+# `sum(p.numel() for p in model.parameters())` (IResNet, MobileFaceNet:
+# insightface arcface_torch; TinyFaR: SynthDistill). IResNet counts include
+# `features.weight` (512), a parameter upstream freezes at 1: insightface's
+# "65,155,648" for r100 is the trainable count.
 REFERENCE_PARAMS = {
     "iresnet18": 24_025_600,
-    "iresnet34": 34_138_048,
+    "iresnet34": 34_139_328,
     "iresnet50": 43_590_848,
-    "iresnet100": 65_155_648,
-    "iresnet200": 110_258_880,
+    "iresnet100": 65_156_160,
+    "iresnet200": 118_833_920,
     "mobilefacenet": 2_059_520,
     "tinyfar_a": 5_562_844,
     "tinyfar_b": 3_105_434,
     "tinyfar_c": 1_832_106,
 }
+# Parameters PyTorch keeps frozen (requires_grad=False), per arch prefix.
+FROZEN = {"iresnet": ("features.weight",)}
 # Constructor arguments that do not change the parameter count.
 _COUNT_NEUTRAL = {"bn_eps", "dtype", "dropout"}
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -73,8 +78,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   return args
 
 
-def count_parameters(arch: str, variables, kwargs) -> dict[str, int]:
-  """PyTorch parameter count per top-level module, in state-dict order.
+def count_parameters(
+    arch: str, variables, kwargs
+) -> tuple[dict[str, int], int]:
+  """PyTorch parameter counts per top-level module, in state-dict order.
 
   Args:
     arch: registry name.
@@ -82,20 +89,28 @@ def count_parameters(arch: str, variables, kwargs) -> dict[str, int]:
     kwargs: their constructor arguments.
 
   Returns:
-    `{top-level module name: count}`; running statistics are buffers in
-    PyTorch and not counted.
+    `({top-level module: count}, frozen)`: running statistics are buffers in
+    PyTorch and not counted; `frozen` counts parameters upstream does not
+    train (IResNet's `features.weight`).
   """
   state_dict = face.state_dict_from_variables(arch, variables, **kwargs)
+  frozen_keys = [
+      key
+      for prefix, keys in FROZEN.items()
+      if arch.startswith(prefix)
+      for key in keys
+  ]
   counts = collections.OrderedDict()
   for key, value in state_dict.items():
     if key.rsplit(".", 1)[-1] in _BUFFERS:
       continue
     top = key.split(".", 1)[0]
     counts[top] = counts.get(top, 0) + int(value.size)
-  return counts
+  frozen = sum(int(state_dict[k].size) for k in frozen_keys)
+  return counts, frozen
 
 
-def format_summary(arch: str, counts: dict[str, int], kwargs) -> str:
+def format_summary(arch: str, counts: dict[str, int], frozen: int, kwargs):
   """The `--summary` table as text."""
   width = max(len(k) for k in counts) + 2
   lines = [f"{arch}: parameters (PyTorch count, running statistics excluded)"]
@@ -107,6 +122,11 @@ def format_summary(arch: str, counts: dict[str, int], kwargs) -> str:
     verdict = "matches" if total == reference else "DIFFERS FROM"
     line += f"  ({verdict} the reference {reference:,})"
   lines.append(line)
+  if frozen:
+    lines.append(
+        f"  {'trainable':<{width}}{total - frozen:>14,}  ({frozen:,} frozen"
+        " upstream)"
+    )
   return "\n".join(lines)
 
 
@@ -132,7 +152,8 @@ def convert(args: argparse.Namespace) -> None:
     raise FileExistsError(f"{args.output}: already holds a model")
   _, variables = face.load_face_model(args.input, args.arch, **kwargs)
   if args.summary:
-    print(format_summary(args.arch, count_parameters(args.arch, variables, kwargs), kwargs))
+    counts, frozen = count_parameters(args.arch, variables, kwargs)
+    print(format_summary(args.arch, counts, frozen, kwargs))
   if args.output:
     metadata = {
         "source": os.path.abspath(args.input),

@@ -49,6 +49,17 @@ def _read(path: str) -> Any:
           " containers are read, nothing from the file was run; save"
           " model.state_dict() rather than the model object)"
       ) from None
+    if "Weights only load failed" in text:
+      # Not a forbidden global but another construct the weights-only
+      # reader rejects (e.g. an unsupported opcode): still refused, not run.
+      lines = [l.strip() for l in text.splitlines() if l.strip()]
+      detail = next(
+          (l for l in lines if l.startswith("Unsupported")), lines[-1]
+      )
+      raise safe_pickle.UnsafePickleError(
+          f"{path}: refused by torch's weights-only reader ({detail[:160]});"
+          " nothing from the file was run"
+      ) from None
     first = text.strip().splitlines()[0] if text.strip() else ""
     raise ValueError(
         f"{path}: not a readable PyTorch checkpoint, truncated or corrupt"
