@@ -526,29 +526,63 @@ def create(arch: str = "stylegan2", **kwargs: Any) -> Generator:
   return Generator(**kwargs)
 
 
-def init_variables(module: Generator, key: jax.Array, batch_size: int = 1):
+def _official_value(path: tuple[str, ...], lr_multiplier: float):
+  """Initial value rule of one variable: ('normal', scale) or ('const', v)."""
+  name, parent = path[-1], path[-2]
+  if name == "weight":
+    mapping_fc = path[1] == "mapping" and parent.startswith("fc")
+    return "normal", 1.0 / lr_multiplier if mapping_fc else 1.0
+  if name in ("const", "noise_const"):
+    return "normal", 1.0
+  if name == "bias" and parent == "affine":
+    return "const", 1.0
+  return "const", 0.0  # biases, noise_strength, w_avg
+
+
+def init_variables(module: Generator, key: jax.Array):
   """The official random initialisation of a generator's variables.
 
   Weights N(0, 1) (mapping weights N(0, 1/lr_multiplier^2)), biases 0,
   affine biases 1, `noise_strength` 0, `const` and `noise_const` N(0, 1),
-  `w_avg` 0, as `torch` builds the modules.
+  `w_avg` 0, as NVIDIA's modules build them. `module.init` gives the same
+  distributions; this helper draws all normals at once, which compiles in a
+  fraction of the time of one generator per parameter.
 
   Args:
     module: a `Generator`.
     key: PRNG key.
-    batch_size: batch of the dummy forward pass.
 
   Returns:
-    `{'params': ..., 'buffers': ...}`.
+    `{'params': ..., 'buffers': ...}` of float32 arrays.
   """
-  z = jnp.zeros((batch_size, module.z_dim), jnp.float32)
-  c = (
-      jnp.zeros((batch_size, module.c_dim), jnp.float32)
-      if module.c_dim
-      else None
+  z = jnp.zeros((1, module.z_dim), jnp.float32)
+  c = jnp.zeros((1, module.c_dim), jnp.float32) if module.c_dim else None
+  shapes = jax.eval_shape(
+      lambda k: module.init({"params": k}, z, c, noise_mode="none"), key
   )
-  init = jax.jit(lambda k: module.init({"params": k}, z, c, noise_mode="none"))
-  return init(key)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+  rules = [
+      _official_value(tuple(p.key for p in path), module.lr_multiplier)
+      for path, _ in leaves
+  ]
+  sizes = [
+      int(np.prod(leaf.shape)) if kind == "normal" else 0
+      for (_, leaf), (kind, _) in zip(leaves, rules)
+  ]
+
+  @jax.jit
+  def draw(key):
+    normals = jax.random.normal(key, (sum(sizes),), jnp.float32)
+    offsets = np.cumsum([0] + sizes)
+    values = []
+    for (_, leaf), (kind, v), start, size in zip(leaves, rules, offsets, sizes):
+      if kind == "normal":
+        values.append(normals[start : start + size].reshape(leaf.shape) * v)
+      else:
+        values.append(jnp.full(leaf.shape, v, jnp.float32))
+    return jax.tree_util.tree_unflatten(treedef, values)
+
+  return draw(key)
 
 
 def load(directory: str | os.PathLike, **overrides: Any):
