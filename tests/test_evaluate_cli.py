@@ -6,6 +6,7 @@ them apart from different pairs; the CLI's numbers are checked against a
 direct computation with `module.apply`.
 """
 
+import functools
 import json
 import os
 import pathlib
@@ -25,6 +26,16 @@ from synthdistill_jax import verification
 from synthdistill_jax.data import verification_bin
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _subprocess_env():
+  # One CPU device: compiling for the 8 simulated devices of conftest costs
+  # more than the work here (the sharded path is tested in-process).
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  return env
+
+
 TINY_KWARGS = {"layers": [1, 1, 1, 1], "widths": [4, 8, 8, 8]}
 TINY_KWARGS["embedding_size"] = 32
 
@@ -87,13 +98,27 @@ def make_faces(num_pairs: int, seed: int = 0, noise: int = 60):
   return np.stack(images), np.array(issame)
 
 
-def embed_directly(module, variables, images):
-  """Reference embeddings: one `module.apply` per set, flip with numpy."""
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(module, variables, x):
+  return module.apply(variables, x, train=False)
+
+
+def embed_directly(module, variables, images, chunk=40):
+  """Reference embeddings: plain `module.apply`, flip with numpy.
+
+  Fixed-size chunks, so every test in a process shares one compilation.
+  """
   x = (images.astype(np.float32) / 255.0 - 0.5) / 0.5
-  apply = jax.jit(lambda v, x: module.apply(v, x, train=False))
-  return np.asarray(apply(variables, x)), np.asarray(
-      apply(variables, x[:, :, ::-1])
-  )
+  outs = []
+  for batch in (x, x[:, :, ::-1]):
+    rows = []
+    for start in range(0, len(batch), chunk):
+      part = batch[start : start + chunk]
+      padded = np.zeros((chunk,) + part.shape[1:], np.float32)
+      padded[: len(part)] = part
+      rows.append(np.asarray(_apply(module, variables, padded))[: len(part)])
+    outs.append(np.concatenate(rows))
+  return outs[0], outs[1]
 
 
 def test_embedder_pads_flips_and_shards():
@@ -143,7 +168,7 @@ def _run_cli(*args):
       capture_output=True,
       text=True,
       cwd=ROOT,
-      env=dict(os.environ, PYTHONPATH=str(ROOT)),
+      env=_subprocess_env(),
       timeout=300,
       check=False,
   )

@@ -21,6 +21,23 @@ torch = pytest.importorskip("torch")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def _subprocess_env():
+  # One CPU device: compiling for the 8 simulated devices of conftest costs
+  # more than the work here (the sharded path is tested in-process).
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  env["OMP_NUM_THREADS"] = "1"  # Torch threads contend on a busy 2-core CI.
+  return env
+
+
+@pytest.fixture(autouse=True)
+def fixture_one_torch_thread():
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize(
     "case", ["iresnet18", "mobilefacenet", "tinyfar_c", "tinyfar_a"]
 )
@@ -81,7 +98,7 @@ def test_export_cli_onnx_round_trip_within_1e4(tmp_path):
       ],
       capture_output=True,
       text=True,
-      env=dict(os.environ, PYTHONPATH=str(ROOT)),
+      env=_subprocess_env(),
       timeout=600,
       check=False,
   )
@@ -121,7 +138,7 @@ def test_errors_are_one_line(tmp_path):
       ],
       capture_output=True,
       text=True,
-      env=dict(os.environ, PYTHONPATH=str(ROOT)),
+      env=_subprocess_env(),
       check=False,
   )
   assert result.returncode == 1
