@@ -229,12 +229,20 @@ def read_inputs(evals_config) -> _Inputs:
   Raises:
     BinFormatError, IJBFormatError: one-line messages naming the file.
   """
-  bins = [verification_bin.read_bin(p) for p in evals_config.bins]
+  paths = evals_config.bins
+  if isinstance(paths, str):  # `--config.evals.bins=a.bin,b.bin`
+    paths = [p for p in paths.split(",") if p]
+  bins = [verification_bin.read_bin(p) for p in paths]
   names = [b.name for b in bins]
   if len(set(names)) != len(names):
     raise ValueError(f"two bins share a name: {names}")
   meta = None
   cfg = evals_config.get("ijb", None)
+  if isinstance(cfg, str) and cfg:
+    raise ValueError(
+        f"evals.ijb must be a ConfigDict (meta_dir, image_dir, name) or '',"
+        f" got {cfg!r}"
+    )
   if cfg and cfg.get("meta_dir", "") and cfg.get("name", ""):
     meta = ijb.read_meta(cfg.meta_dir, cfg.name)
   return _Inputs(bins, meta)

@@ -162,6 +162,34 @@ def test_run_evaluators_trainer_hook(tmp_path):
   assert isinstance(config, ml_collections.ConfigDict)
 
 
+def test_config_variants_and_pth_models(tmp_path):
+  images, issame = make_faces(10, seed=5)
+  verification_bin.write_bin(tmp_path / "a.bin", images, issame)
+  # A config written by hand: bins as a comma-separated string, no IJB.
+  config = ml_collections.ConfigDict(
+      {"bins": f"{tmp_path / 'a.bin'},", "batch_size": 8, "ijb": ""}
+  )
+  inputs = evaluate.read_inputs(config)
+  assert [b.name for b in inputs.bins] == ["a"] and inputs.ijb_meta is None
+  config = ml_collections.ConfigDict({"bins": [], "ijb": "ijbc"})
+  with pytest.raises(ValueError, match="evals.ijb must be a ConfigDict"):
+    evaluate.read_inputs(config)
+  # A PyTorch checkpoint given to --model is converted on the fly.
+  torch = pytest.importorskip("torch")
+  from tests import golden  # pylint: disable=g-import-not-at-top
+
+  state_dict = golden.torch_state_dict("mobilefacenet")
+  torch.save(state_dict, tmp_path / "mbf.pth")
+  with pytest.raises(ValueError, match="needs --arch"):
+    evaluate.load_model(tmp_path / "mbf.pth", None)
+  module, variables = evaluate.load_model(tmp_path / "mbf.pth", "mobilefacenet")
+  assert module.num_features == 512
+  fc = variables["params"]["features"]["layers_2"]["kernel"]
+  np.testing.assert_array_equal(
+      fc, state_dict["features.layers.2.weight"].numpy().T
+  )
+
+
 def _run_cli(*args):
   return subprocess.run(
       [sys.executable, "-m", "synthdistill_jax.evaluate", *args],
