@@ -6,6 +6,7 @@ import pickle
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -268,3 +269,84 @@ def test_tool_round_trip(tmp_path):
       check=False,
   )
   assert again.returncode == 1 and "already holds a model" in again.stderr
+
+
+_UPSTREAM_SNAPSHOT = """
+import copy, pickle, sys
+import numpy as np, torch
+import dnnlib
+res, out = int(sys.argv[1]), sys.argv[2]
+torch.manual_seed(0)
+try:
+  from training import networks_stylegan2 as net  # NVlabs/stylegan3
+  kw = dict(channel_base=16384 if res == 256 else 32768, channel_max=512,
+            num_fp16_res=4, conv_clamp=256)
+  make = lambda: net.Generator(z_dim=512, c_dim=0, w_dim=512,
+      img_resolution=res, img_channels=3,
+      mapping_kwargs=dnnlib.EasyDict(num_layers=8), **kw)
+except ImportError:
+  from training import networks as net  # NVlabs/stylegan2-ada-pytorch
+  kw = dict(channel_base=32768, channel_max=512, num_fp16_res=4,
+            conv_clamp=256)
+  make = lambda: net.Generator(z_dim=512, c_dim=0, w_dim=512,
+      img_resolution=res, img_channels=3,
+      mapping_kwargs=dnnlib.EasyDict(num_layers=8),
+      synthesis_kwargs=dnnlib.EasyDict(kw))
+G = make()
+with torch.no_grad():  # make biases, noise strengths and w_avg count
+  for name, p in list(G.named_parameters()) + list(G.named_buffers()):
+    if name.endswith('noise_strength') or name == 'mapping.w_avg':
+      p.copy_(0.3 * torch.randn(p.shape))
+    elif name.endswith('bias'):
+      p.add_(0.1 * torch.randn(p.shape))
+D = net.Discriminator(c_dim=0, img_resolution=res, img_channels=3, **kw)
+snap = dict(training_set_kwargs=dict(dnnlib.EasyDict(resolution=res)))
+for name, module in [('G', G), ('D', D), ('G_ema', G)]:
+  snap[name] = copy.deepcopy(module).eval().requires_grad_(False).cpu()
+pickle.dump(snap, open(out + '.pkl', 'wb'))
+z = torch.randn(1, 512)
+with torch.no_grad():
+  ws = snap['G_ema'].mapping(z, None, truncation_psi=0.7, truncation_cutoff=8)
+  img = snap['G_ema'].synthesis(ws, noise_mode='const', force_fp32=True)
+np.savez(out + '.npz', z=z.numpy(), ws=ws.numpy(), img=img.numpy())
+"""
+
+
+@pytest.mark.skipif(
+    "STYLEGAN2_UPSTREAM" not in os.environ,
+    reason="set STYLEGAN2_UPSTREAM to an NVlabs/stylegan3 or"
+    " stylegan2-ada-pytorch checkout to compare full-size pickles",
+)
+def test_full_size_upstream_pickle(tmp_path):
+  """Official code pickles a full-size generator; convert and compare."""
+  upstream = os.environ["STYLEGAN2_UPSTREAM"]
+  res = int(os.environ.get("STYLEGAN2_UPSTREAM_RES", "256"))
+  base = str(tmp_path / "g")
+  path = [upstream, os.environ.get("PYTHONPATH", "")]
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+  subprocess.run(
+      [sys.executable, "-c", _UPSTREAM_SNAPSHOT, str(res), base],
+      cwd=upstream,
+      env=env,
+      check=True,
+  )
+  assert "torch_utils" not in sys.modules
+  module, variables = convert.load_stylegan2(base + ".pkl")
+  ref = np.load(base + ".npz")
+  ws = module.apply(
+      variables,
+      ref["z"],
+      truncation_psi=0.7,
+      truncation_cutoff=8,
+      method="mapping",
+  )
+  img = jax.jit(
+      lambda v, ws: module.apply(v, ws, noise_mode="const", method="synthesis")
+  )(variables, ws)
+  ws_diff = np.abs(np.asarray(ws) - ref["ws"]).max()
+  img_diff = np.abs(np.asarray(img) - ref["img"].transpose(0, 2, 3, 1)).max()
+  print(
+      f"\n{res}px num_ws {module.num_ws}: ws max|diff| {ws_diff:.2e},"
+      f" img max|diff| {img_diff:.2e}"
+  )
+  assert ws_diff <= 1e-5 and img_diff <= 1e-3
