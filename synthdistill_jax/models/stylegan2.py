@@ -285,25 +285,20 @@ class SynthesisBlock(nn.Module):
     if self.in_channels == 0:
       const = self.param("const", _normal(), (res, res, ch))
       x = jnp.broadcast_to(const.astype(dtype), (ws.shape[0], res, res, ch))
-      x = SynthesisLayer(ch, res, name="conv1", **layer_kw)(x, ws[:, 0], **kw)
-    elif self.architecture == "resnet":
-      x = x.astype(dtype)
-      y = SkipLayer(ch, precision=self.precision, name="skip")(
-          x, gain=float(np.sqrt(0.5))
-      )
-      x = SynthesisLayer(ch, res, up=2, name="conv0", **layer_kw)(
-          x, ws[:, 0], **kw
-      )
-      x = SynthesisLayer(ch, res, name="conv1", **layer_kw)(
-          x, ws[:, 1], gain=float(np.sqrt(0.5)), **kw
-      )
-      x = y + x
     else:
       x = x.astype(dtype)
-      x = SynthesisLayer(ch, res, up=2, name="conv0", **layer_kw)(
-          x, ws[:, 0], **kw
-      )
-      x = SynthesisLayer(ch, res, name="conv1", **layer_kw)(x, ws[:, 1], **kw)
+    # 'resnet' adds a 1x1 upsampled skip; both branches get gain sqrt(1/2).
+    resnet = self.in_channels > 0 and self.architecture == "resnet"
+    gain = float(np.sqrt(0.5)) if resnet else 1.0
+    if resnet:
+      y = SkipLayer(ch, precision=self.precision, name="skip")(x, gain=gain)
+    if self.in_channels > 0:
+      conv0 = SynthesisLayer(ch, res, up=2, name="conv0", **layer_kw)
+      x = conv0(x, ws[:, 0], **kw)
+    conv1 = SynthesisLayer(ch, res, name="conv1", **layer_kw)
+    x = conv1(x, ws[:, self.num_conv - 1], gain=gain, **kw)
+    if resnet:
+      x = y + x
     if img is not None:
       img = upfirdn2d.upsample2d(
           img, RESAMPLE_FILTER, precision=_precision(self.precision)
