@@ -199,7 +199,7 @@ def variables_from_state_dict(
   """
   if arch.startswith(STUDENT_PREFIX):
     return _student_converter().variables_from_state_dict(
-        arch, state_dict, **kwargs
+        arch, state_dict, source=source, **kwargs
     )
   module = _create(arch, **kwargs)
   leaves, shapes = _layout(module)
@@ -268,11 +268,4 @@ def load_face_model(path: str | os.PathLike, arch: str, **kwargs: Any):
         f" {', '.join(FACE_ARCHS)} and tinyfar_a/b/c"
     )
   state_dict = load_state_dict(path)
-  if not arch.startswith(STUDENT_PREFIX):
-    return variables_from_state_dict(arch, state_dict, source=path, **kwargs)
-  try:
-    return variables_from_state_dict(arch, state_dict, **kwargs)
-  except ValueError as e:
-    if path in str(e):
-      raise
-    raise ValueError(f"{path} (as {arch}): {e}") from None
+  return variables_from_state_dict(arch, state_dict, source=path, **kwargs)
