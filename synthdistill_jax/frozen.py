@@ -60,8 +60,17 @@ def _kwargs(cfg, field: str = "kwargs") -> dict:
   return dict(value.to_dict() if hasattr(value, "to_dict") else value)
 
 
-def _read_folder(directory: str, field: str, expect_arch=None) -> dict:
-  """Checks a model folder and returns its `model.json`."""
+def check_model_folder(directory: str, field: str, expect_arch=None) -> dict:
+  """Checks a model folder and returns its `model.json`.
+
+  Args:
+    directory: the folder.
+    field: config field name, for the error message.
+    expect_arch: 'stylegan2', 'face' or None (any).
+
+  Returns:
+    The parsed `model.json`.
+  """
   if not os.path.isdir(directory):
     raise ConfigError(f"{field}={directory!r}: no such checkpoint folder")
   try:
@@ -82,7 +91,7 @@ def _read_folder(directory: str, field: str, expect_arch=None) -> dict:
 
 
 def _load(directory: str, field: str, expect_arch, overrides) -> Network:
-  config = _read_folder(directory, field, expect_arch)
+  config = check_model_folder(directory, field, expect_arch)
   module, variables = models.load(directory, **overrides)
   kwargs = dict(config["kwargs"], **overrides)
   return Network(module, variables, config["arch"], kwargs)
@@ -179,7 +188,7 @@ def build_student(cfg, seed: int) -> Network:
     kwargs["dtype"] = cfg.dtype
   net = _init_face_network(cfg.arch, kwargs, seed, "student")
   if cfg.get("init_checkpoint"):
-    _read_folder(cfg.init_checkpoint, "student.init_checkpoint", "face")
+    check_model_folder(cfg.init_checkpoint, "student.init_checkpoint", "face")
     _, pretrained = models.load(cfg.init_checkpoint)
     net.variables = merge_matching(net.variables, pretrained)
   return net
@@ -275,3 +284,20 @@ def create_renderer(spec, mesh, num: int):
     return img, faces.generator_to_faces(img)
 
   return lambda gen_vars, key: sharding.to_host(render(gen_vars, key))
+
+
+def check_embedding_sizes(teacher: Network, student: Network) -> None:
+  """Raises `ConfigError` unless teacher and student embed to the same size."""
+  x = jax.ShapeDtypeStruct((1, FACE_SIZE, FACE_SIZE, 3), jnp.float32)
+  sizes = [
+      jax.eval_shape(
+          lambda x, n=n: n.module.apply(n.variables, x, train=False), x
+      ).shape[-1]
+      for n in (teacher, student)
+  ]
+  if sizes[0] != sizes[1]:
+    raise ConfigError(
+        f"student.kwargs: the student embeds to {sizes[1]} dimensions, the"
+        f" teacher to {sizes[0]}; set the student's embedding size to"
+        f" {sizes[0]}"
+    )

@@ -91,6 +91,17 @@ def check_config(config, num_devices: int) -> None:
   for field in ("epochs", "steps_per_epoch", "val_batches"):
     if config.schedule[field] < 0:
       raise ConfigError(f"schedule.{field}={config.schedule[field]} < 0")
+  folders = [
+      (config.student.init_checkpoint, "student.init_checkpoint", "face")
+  ]
+  if config.sampler.kind != "static":
+    folders += [
+        (config.generator.checkpoint, "generator.checkpoint", "stylegan2"),
+        (config.teacher.checkpoint, "teacher.checkpoint", "face"),
+    ]
+  for directory, field, kind in folders:
+    if directory:
+      frozen.check_model_folder(directory, field, kind)
   if config.sampler.kind == "static":
     path = pathlib.Path(config.sampler.static_dataset or "")
     if not config.sampler.static_dataset or not path.is_dir():
@@ -256,6 +267,7 @@ def build_networks(config):
     return None, None, student
   generator = frozen.build_generator(config.generator)
   teacher = frozen.build_teacher(config.teacher)
+  frozen.check_embedding_sizes(teacher, student)
   return generator, teacher, student
 
 

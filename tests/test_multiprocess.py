@@ -1,0 +1,74 @@
+"""Two processes on localhost (`jax.distributed`, gloo) train like one."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from synthdistill_jax import metrics_io
+from synthdistill_jax import models
+from synthdistill_jax import train
+from tests import test_train
+
+STEPS = 2
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+  if jax.device_count() < 2:
+    pytest.skip("needs 2 devices for the single-process reference")
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env["JAX_PLATFORMS"] = "cpu"
+  procs = [
+      subprocess.Popen(
+          [
+              sys.executable,
+              "-m",
+              "synthdistill_jax.main",
+              f"--config={test_train.ROOT / 'configs' / 'demo.py'}:tiny",
+              f"--workdir={tmp_path / 'multi'}",
+              f"--config.schedule.steps_per_epoch={STEPS}",
+              f"--coordinator_address=127.0.0.1:{port}",
+              "--num_processes=2",
+              f"--process_id={i}",
+              "--cpu_collectives=gloo",
+          ],
+          cwd=test_train.ROOT,
+          env=env,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+      )
+      for i in range(2)
+  ]
+  outputs = [p.communicate(timeout=900)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  single = train.train_and_evaluate(
+      test_train.tiny_config(
+          **{"schedule.steps_per_epoch": STEPS, "mesh.num_devices": 2}
+      ),
+      str(tmp_path / "single"),
+  )
+  multi_losses = [
+      r["loss"] for r in metrics_io.read_metrics(tmp_path / "multi", "train")
+  ]
+  single_losses = [
+      r["loss"] for r in metrics_io.read_metrics(tmp_path / "single", "train")
+  ]
+  np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
+  _, variables = models.load(tmp_path / "multi" / "student")
+  for a, b in zip(
+      jax.tree.leaves(variables["params"]), test_train.final_params(single)
+  ):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

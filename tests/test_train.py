@@ -1,0 +1,122 @@
+"""`train_and_evaluate` end to end on tiny networks: outputs, NaN stop, SIGTERM."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from synthdistill_jax import metrics_io
+from synthdistill_jax import models
+from synthdistill_jax import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from configs import demo  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+  """`configs/demo.py:tiny` with dotted-name overrides (test helper)."""
+  config = demo.get_config("tiny")
+  for name, value in overrides.items():
+    node = config
+    *parents, leaf = name.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def final_params(result) -> list[np.ndarray]:
+  """Host copies of the final student parameters (test helper)."""
+  return [np.asarray(x) for x in jax.tree.leaves(result.state.params)]
+
+
+def test_tiny_run_writes_every_output(tmp_path):
+  result = train.train_and_evaluate(tiny_config(), str(tmp_path))
+  assert int(result.state.step) == 3 and not result.preempted
+  train_records = metrics_io.read_metrics(tmp_path, "train")
+  assert [r["step"] for r in train_records] == [1, 2, 3]
+  for name in (
+      "loss",
+      "mse",
+      "cosine",
+      "grad_norm",
+      "param_norm",
+      "update_norm",
+      "learning_rate",
+      "images_per_sec",
+  ):
+    assert np.isfinite(train_records[-1][name]), name
+  (val,) = metrics_io.read_metrics(tmp_path, "val")
+  assert set(val) >= {"mse", "cosine", "r2"}
+  assert val["r2"] == result.validation[0]["r2"]
+  assert (tmp_path / "faces.png").stat().st_size > 0
+  assert list((tmp_path / "tb").iterdir())
+  module, variables = models.load(tmp_path / "student")
+  np.testing.assert_array_equal(
+      jax.tree.leaves(variables["params"])[0], final_params(result)[0]
+  )
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
+  assert steps == [2, 3]
+  # A second call resumes at the end and does nothing more.
+  again = train.train_and_evaluate(tiny_config(), str(tmp_path))
+  assert int(again.state.step) == 3
+  for a, b in zip(final_params(result), final_params(again)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  config = tiny_config(**{"schedule.steps_per_epoch": 2})
+  train.train_and_evaluate(config, str(tmp_path))
+  # Resumed with an absurd learning rate, the loss blows up in step 3.
+  bad = tiny_config(
+      **{"schedule.steps_per_epoch": 4, "optimizer.learning_rate": 1e30}
+  )
+  with pytest.raises(train.TrainingDiverged, match="non-finite loss"):
+    train.train_and_evaluate(bad, str(tmp_path))
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
+  assert steps == [2]
+  assert (
+      models.registry.read_config(tmp_path / "student")["metadata"]["step"] == 2
+  )
+
+
+def _run_main(workdir, *flags, **popen_kw):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  cmd = [
+      sys.executable,
+      "-m",
+      "synthdistill_jax.main",
+      f"--config={ROOT / 'configs' / 'demo.py'}:tiny",
+      f"--workdir={workdir}",
+      *flags,
+  ]
+  return subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, **popen_kw)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  proc = _run_main(
+      tmp_path,
+      "--config.schedule.steps_per_epoch=1000",
+      "--config.checkpoint.every_steps=1000",
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+  )
+  jsonl = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 600
+  while not (jsonl.exists() and jsonl.read_text().strip()):
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out
+  assert "SIGTERM: saved iteration" in out
+  steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir()]
+  assert len(steps) == 1 and 1 <= steps[0] < 1000
