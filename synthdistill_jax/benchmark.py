@@ -37,6 +37,7 @@ from typing import Any
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
@@ -477,18 +478,32 @@ def run_benchmark(
   """
   dtype = read_compute_dtype(config)
   peak = measure_peak(dtype, peak_size, warmup, max(iters, 3))
+  logging.info("peak %s matmul: %.3g FLOP/s", dtype, peak["flops_per_s"])
+  start = time.perf_counter()
   ctx = prepare_training(config, random_weights)
+  setup_s = time.perf_counter() - start
+  logging.info("networks and state ready in %.1f s", setup_s)
   device = jax.devices()[0]
   datasheet = look_up_datasheet(device.device_kind, dtype)
+  # Simulated CPU devices share the host's cores, which the peak matmul
+  # already uses in full: on CPU the whole host is one unit of peak.
+  units = 1 if device.platform == "cpu" else ctx["mesh"].size
   results, outputs = {}, {}
   key = jax.random.PRNGKey(config.seed)
   for name, jitted, make_args, images, *carry in build_stages(ctx, key):
     stage = Stage(name, jitted, make_args(outputs), images, bool(carry))
     timing, outputs[name] = time_stage(stage, warmup, iters)
-    per_device = timing["flops_per_s"] / timing["devices"]
-    timing["mfu"] = per_device / peak["flops_per_s"]
-    timing["mfu_datasheet"] = per_device / datasheet if datasheet else None
+    timing["mfu"] = timing["flops_per_s"] / units / peak["flops_per_s"]
+    timing["mfu_datasheet"] = (
+        timing["flops_per_s"] / units / datasheet if datasheet else None
+    )
     results[name] = timing
+    logging.info(
+        "%s: %.1f s compile, %.3g s/call",
+        name,
+        timing["compile_s"],
+        timing["seconds_median"],
+    )
   return {
       "config": describe_config(config),
       "compute_dtype": dtype,
@@ -498,7 +513,9 @@ def run_benchmark(
       "device_kind": device.device_kind,
       "num_devices": ctx["mesh"].size,
       "peak": peak,
+      "peak_units": units,
       "datasheet_flops_per_s": datasheet,
+      "setup_s": setup_s,
       "stages": results,
       "peak_memory": read_peak_memory(),
   }

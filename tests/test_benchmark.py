@@ -97,7 +97,7 @@ def test_cli_on_the_demo_config_writes_table_and_json(tmp_path):
       "--config.student.arch=iresnet18",
       "--config.student.kwargs.layers=(1,1,1,1)",
       "--config.student.kwargs.widths=(8,8,8,8)",
-      "--config.teacher.calibrate_batches=1",
+      "--config.teacher.calibrate_batches=0",
       "--batch_size=8",
       "--warmup=1",
       "--iters=1",
