@@ -291,10 +291,10 @@ def iteration(
 ):
   """One SynthDistill iteration: two updates (see the module docstring).
 
-  The two updates of the generated samplers run as a two-trip loop, so the
-  generator, teacher and student are compiled once rather than twice: update
-  0 draws fresh latents; update 1 draws fresh ones too (`dynamic`) or
-  re-samples update 0's (`resample`), with `s` from before update 0.
+  The two updates of the generated samplers are one traced body scanned
+  twice: update 0 draws fresh latents; update 1 draws fresh ones too
+  (`dynamic`) or re-samples update 0's (`resample`), with `s` from before
+  update 0.
 
   Args:
     spec: the program spec.
@@ -334,7 +334,9 @@ def iteration(
   )
   init = (state, zeros(spec.generator.w_dim), zeros(emb), zeros(emb))
   ks = jnp.arange(UPDATES_PER_ITERATION)
-  (state, *_), metrics = jax.lax.scan(update, init, ks)
+  # Unrolled: XLA:CPU runs convolutions inside a while loop about 10x slower
+  # (measured on the demo: 13.6 s vs 1.4 s per iteration).
+  (state, *_), metrics = jax.lax.scan(update, init, ks, unroll=True)
   first, second = (jax.tree.map(lambda m, i=i: m[i], metrics) for i in (0, 1))
   return state.replace(step=state.step + 1), _merge_metrics(first, second)
 
