@@ -78,6 +78,25 @@ def test_measure_peak_reports_matmul_flops():
   assert peak["cost_analysis_flops"] == 2 * 128**3
 
 
+def test_compare_reports_ratios_and_the_config_difference():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  first = ml_collections.ConfigDict({"generator": {"dtype": "float32"}})
+  second = ml_collections.ConfigDict({"generator": {"dtype": "bfloat16"}})
+  diff = benchmark.diff_configs(first, second)
+  assert diff == {"generator.dtype": ["float32", "bfloat16"]}
+
+  def run(images_per_s, compile_s):
+    stage = dict(images_per_s=images_per_s, compile_s=compile_s)
+    return {"stages": {"teacher forward": dict(stage, flops_per_image=2.0)}}
+
+  ratios = benchmark.compare_results(run(10.0, 4.0), run(25.0, 2.0))
+  assert ratios["teacher forward"]["images_per_s"] == pytest.approx(2.5)
+  assert ratios["teacher forward"]["compile_s"] == pytest.approx(0.5)
+  text = benchmark.format_ratios(ratios, diff)
+  assert "2.50x" in text and "generator.dtype" in text
+
+
 def test_read_peak_memory_is_positive():
   memory = benchmark.read_peak_memory()
   assert memory["peak_bytes"] > 0
