@@ -358,7 +358,7 @@ def _epoch_end(ctx, state, step: int, epoch: int) -> dict:
     ctx["log"](
         f"epoch {epoch}/{config.schedule.epochs}: held-out {_format(val)}"
     )
-  if config.evals.get("bins"):
+  if config.evals.get("bins") and step:
     from synthdistill_jax import evaluate  # pylint: disable=g-import-not-at-top
 
     host = sharding.to_host(
@@ -499,6 +499,9 @@ def _loop(ctx, iterate, state) -> TrainResult:
       dynamic_ncols=True,
       disable=not (config.progress_bar and jax.process_index() == 0),
   )
+  if step == 0 and sched.val_batches:
+    # The starting point of the held-out curve.
+    result.validation.append(_epoch_end(ctx, state, 0, 0))
   with checkpoints.PreemptionFlag() as flag, bar:
     t0, steps0 = time.perf_counter(), step
     while step < total:

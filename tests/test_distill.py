@@ -1,6 +1,7 @@
 """The pure iteration functions: loss, re-sampling rule, updates, iteration."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -62,7 +63,9 @@ def test_resampling_perturbation_scales_with_cosine():
   np.testing.assert_allclose(delta, coef * c[:, None] * eps, atol=1e-5)
 
 
-def _spec(sampler="resample", batch=4, loss="mse"):
+@functools.lru_cache(maxsize=None)
+def _networks():
+  """Tiny generator, teacher and student, built once (init compiles slowly)."""
   gen = frozen.build_generator(
       ml_collections.ConfigDict(
           dict(checkpoint="", random=TINY_GENERATOR, init_seed=0, dtype="")
@@ -79,6 +82,11 @@ def _spec(sampler="resample", batch=4, loss="mse"):
       ),
       seed=3,
   )
+  return gen, teacher, student
+
+
+def _spec(sampler="resample", batch=4, loss="mse"):
+  gen, teacher, student = _networks()
   tx = optax.adam(1e-3)
   spec = distill.DistillSpec(
       generator=gen.module,

@@ -54,9 +54,10 @@ def test_tiny_run_writes_every_output(tmp_path):
       "images_per_sec",
   ):
     assert np.isfinite(train_records[-1][name]), name
-  (val,) = metrics_io.read_metrics(tmp_path, "val")
-  assert set(val) >= {"mse", "cosine", "r2"}
-  assert val["r2"] == result.validation[0]["r2"]
+  vals = metrics_io.read_metrics(tmp_path, "val")
+  assert [v["step"] for v in vals] == [0, 3]  # Start, then every epoch.
+  assert set(vals[-1]) >= {"mse", "cosine", "r2"}
+  assert vals[-1]["r2"] == result.validation[-1]["r2"]
   assert (tmp_path / "faces.png").stat().st_size > 0
   assert list((tmp_path / "tb").iterdir())
   module, variables = models.load(tmp_path / "student")
@@ -120,3 +121,32 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert "SIGTERM: saved iteration" in out
   steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir()]
   assert len(steps) == 1 and 1 <= steps[0] < 1000
+
+
+def test_static_dataset_tool_and_static_sampler(tmp_path):
+  sys.path.insert(0, str(ROOT / "tools"))
+  import make_static_dataset  # pylint: disable=g-import-not-at-top
+  from synthdistill_jax.data import static_dataset  # pylint: disable=g-import-not-at-top
+
+  config = tiny_config()
+  examples = list(make_static_dataset.generate_examples(config, 20, seed=0))
+  assert [len(b["w"]) for b in examples] == [8, 8, 4]
+  assert examples[0]["face"].dtype == np.uint8
+  static_dataset.write_static_dataset(
+      tmp_path / "static",
+      iter(examples),
+      num_examples=20,
+      w_dim=examples[0]["w"].shape[1],
+      emb_dim=examples[0]["teacher"].shape[1],
+  )
+  config = tiny_config(
+      **{
+          "sampler.kind": "static",
+          "sampler.static_dataset": str(tmp_path / "static"),
+          "schedule.val_batches": 0,
+      }
+  )
+  result = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert int(result.state.step) == 3
+  losses = [r["loss"] for r in metrics_io.read_metrics(tmp_path / "run")]
+  assert len(losses) == 3 and all(np.isfinite(losses))
