@@ -278,7 +278,11 @@ def _upfirdn2d_reference(x, f, up, down, pad, gain):
         (3, 1, (0, 0, 1, 1)),
     ],
 )
-def test_upfirdn2d_matches_direct_definition(up, down, pad):
+@pytest.mark.parametrize("method", upfirdn2d.FILTER_METHODS)
+def test_upfirdn2d_matches_direct_definition(
+    up, down, pad, method, monkeypatch
+):
+  monkeypatch.setattr(upfirdn2d, "filter_method", method)
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, 7, 6, 3)).astype(np.float32)
   f2d = upfirdn2d.setup_filter([1, 3, 3, 1])
@@ -291,6 +295,11 @@ def test_upfirdn2d_matches_direct_definition(up, down, pad):
   np.testing.assert_allclose(
       got, _upfirdn2d_reference(x, asym, up, down, pad, 1.0), atol=1e-5
   )
+  # A traced filter (no compile-time taps) takes the conv path.
+  traced = jax.jit(
+      lambda x, f: upfirdn2d.upfirdn2d(x, f, up=up, down=down, padding=pad)
+  )(x, asym)
+  np.testing.assert_allclose(traced, got, atol=1e-5)
 
 
 TINY = dict(

@@ -10,9 +10,14 @@ the image in NHWC layout:
      `flip_filter`), scaled by `gain`;
   4. keep every `down`-th pixel.
 
-Steps 1-2 are one `lax.pad` (interior padding inserts the zeros) and steps 3-4
-one depthwise `lax.conv_general_dilated` (two, 1D each, for a separable
-filter), so the op is jit-able, differentiable and runs on any backend.
+Steps 1-2 are one `lax.pad` (interior padding inserts the zeros). Steps 3-4
+are, for a concrete filter, a weighted sum of shifted strided slices with the
+taps as constants (`filter_method = 'slices'`, one fused elementwise loop;
+two 1D passes for a separable filter), or depthwise `lax.conv_general_dilated`
+calls (`'conv'`, also used for a traced filter). XLA:CPU runs depthwise
+grouped convs very slowly: the slices are ~40x faster at StyleGAN2-256 sizes
+(docs/stylegan2.md, "Speed work"). Either way the op is jit-able,
+differentiable and runs on any backend.
 """
 
 from typing import Sequence
@@ -66,6 +71,13 @@ def _parse_padding(padding) -> tuple[int, int, int, int]:
   raise ValueError(f"padding must have 1, 2 or 4 entries, got {padding}")
 
 
+# How the filter is applied: 'slices' (a weighted sum of shifted, strided
+# slices, the default: XLA:CPU runs depthwise grouped convs an order of
+# magnitude slower) or 'conv' (depthwise `feature_group_count` convs).
+FILTER_METHODS = ("slices", "conv")
+filter_method = "slices"
+
+
 def _depthwise(x: jax.Array, k: jax.Array, strides, precision) -> jax.Array:
   """Applies the same `[kh, kw]` kernel to every channel of NHWC `x`."""
   channels = x.shape[-1]
@@ -79,6 +91,45 @@ def _depthwise(x: jax.Array, k: jax.Array, strides, precision) -> jax.Array:
       feature_group_count=channels,
       precision=precision,
   )
+
+
+def _shifted_sum(x: jax.Array, k: np.ndarray, strides) -> jax.Array:
+  """`_depthwise` as a sum of `k[i, j] * x[i::sy, j::sx]` (VALID windows).
+
+  The taps are static numbers, so XLA fuses the slices and the weighted sum
+  into one elementwise loop.
+  """
+  kh, kw = k.shape
+  sy, sx = strides
+  out_h = (x.shape[1] - kh) // sy + 1
+  out_w = (x.shape[2] - kw) // sx + 1
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      if k[i, j] == 0:
+        continue
+      term = jax.lax.slice(
+          x,
+          (0, i, j, 0),
+          (
+              x.shape[0],
+              i + sy * (out_h - 1) + 1,
+              j + sx * (out_w - 1) + 1,
+              x.shape[3],
+          ),
+          (1, sy, sx, 1),
+      ) * jnp.asarray(k[i, j], x.dtype)
+      out = term if out is None else out + term
+  if out is None:
+    out = jnp.zeros((x.shape[0], out_h, out_w, x.shape[3]), x.dtype)
+  return out
+
+
+def _filter(x, k, strides, precision):
+  """Applies kernel `k` to every channel with the selected method."""
+  if filter_method == "slices" and not isinstance(k, jax.core.Tracer):
+    return _shifted_sum(x, np.asarray(k, np.float32), strides)
+  return _depthwise(x, jnp.asarray(k, x.dtype), strides, precision)
 
 
 def upfirdn2d(
@@ -112,7 +163,10 @@ def upfirdn2d(
   """
   if f is None:
     f = np.ones([1, 1], np.float32)
-  f = jnp.asarray(f, jnp.float32)
+  if not isinstance(f, jax.core.Tracer):
+    # A concrete filter stays numpy: its taps become compile-time constants.
+    f = np.asarray(f, np.float32)
+  xp = np if isinstance(f, np.ndarray) else jnp
   if f.ndim not in (1, 2):
     raise ValueError(f"filter must be 1D or 2D, got shape {f.shape}")
   px0, px1, py0, py1 = _parse_padding(padding)
@@ -127,14 +181,13 @@ def upfirdn2d(
         (0, 0, 0),
     ]
     x = jax.lax.pad(x, zero, config)
-  f = f * (gain ** (f.ndim / 2))
+  f = f * np.float32(gain ** (f.ndim / 2))
   if not flip_filter:
-    f = jnp.flip(f, axis=tuple(range(f.ndim)))
-  f = f.astype(x.dtype)
+    f = xp.flip(f, axis=tuple(range(f.ndim)))
   if f.ndim == 2:
-    return _depthwise(x, f, (down, down), precision)
-  x = _depthwise(x, f[None, :], (1, down), precision)
-  return _depthwise(x, f[:, None], (down, 1), precision)
+    return _filter(x, f, (down, down), precision)
+  x = _filter(x, f[None, :], (1, down), precision)
+  return _filter(x, f[:, None], (down, 1), precision)
 
 
 def upsample2d(
