@@ -268,3 +268,36 @@ def test_bfloat16_block_is_close_to_float32():
   out, ref = np.asarray(out, np.float32).ravel(), np.asarray(ref).ravel()
   # bfloat16 keeps 8 bits of mantissa: close, not parity.
   assert out @ ref / np.linalg.norm(out) / np.linalg.norm(ref) > 0.999
+
+
+@pytest.mark.parametrize(
+    "kernel,stride,size", [(3, 1, 7), (5, 2, 9), (3, 2, 8)]
+)
+def test_depthwise_slices_equal_the_grouped_conv(
+    kernel, stride, size, monkeypatch
+):
+  """Forward and gradients of both `conv_dw` methods agree."""
+  module = tinynet.DepthwiseConv(6, kernel, stride)
+  x = jax.random.normal(jax.random.key(0), (2, size, size + 1, 6))
+  variables = module.init(jax.random.key(1), x)
+  # The output has the same shape as timm's conv with k // 2 padding.
+  out_size = (size + 2 * (kernel // 2) - kernel) // stride + 1
+
+  def run(method):
+    monkeypatch.setattr(tinynet, "depthwise_method", method)
+
+    def loss(v, x):
+      y = module.apply(v, x)
+      return jnp.sum(jnp.sin(y)), y
+
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(
+        variables, x
+    )
+    return y, grads
+
+  y, grads = run("slices")
+  y_ref, grads_ref = run("conv")
+  assert y.shape[1] == out_size and y.shape == y_ref.shape
+  np.testing.assert_allclose(y, y_ref, atol=1e-5)
+  for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+    np.testing.assert_allclose(g, g_ref, atol=1e-5)

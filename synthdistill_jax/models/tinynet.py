@@ -176,25 +176,95 @@ def build_block_specs(
   return tuple(stages)
 
 
-def _depthwise_conv(features, kernel, stride, dtype, name):
-  """A depthwise `nn.Conv` initialised as timm does it.
+# How depthwise convs run: 'slices' (k*k shifted strided slices times
+# per-channel weights, summed; the default) or 'conv' (`feature_group_count`
+# = channels, which XLA:CPU runs far below its matmul speed).
+DEPTHWISE_METHODS = ("slices", "conv")
+depthwise_method = "slices"
 
-  `layers.conv` draws with fan-out `k*k*C`; timm divides the fan-out by the
-  groups (`fix_group_fanout`), i.e. `k*k` for a depthwise conv, which gives a
-  `sqrt(C)` larger initial scale. Only matters when training from scratch.
+
+def depthwise_by_slices(x: jax.Array, kernel: jax.Array, stride: int):
+  """A depthwise conv with PyTorch's `k // 2` padding as shifted slices.
+
+  Pads once, then sums `kernel[i, j] * x[i::stride, j::stride]` over the
+  `k*k` taps; its gradient is pads and adds, which XLA fuses.
+
+  Args:
+    x: `[batch, h, w, channels]`.
+    kernel: `[k, k, 1, channels]` (Flax depthwise HWIO layout).
+    stride: spatial stride.
+
+  Returns:
+    `[batch, h_out, w_out, channels]`, as the grouped conv.
   """
-  return nn.Conv(
-      features,
-      (kernel, kernel),
-      strides=(stride, stride),
-      padding=layers.torch_padding(kernel),
-      feature_group_count=features,
-      use_bias=False,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      kernel_init=nn.initializers.normal(math.sqrt(2.0 / (kernel * kernel))),
-      name=name,
-  )
+  k = kernel.shape[0]
+  (p0, p1), (q0, q1) = layers.torch_padding(k)
+  x = jnp.pad(x, ((0, 0), (p0, p1), (q0, q1), (0, 0)))
+  b, h, w, c = x.shape
+  out_h, out_w = (h - k) // stride + 1, (w - k) // stride + 1
+  # Accumulate in float32 (at least), as the conv does for bfloat16.
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  kernel = kernel.astype(acc)
+  out = None
+  for i in range(k):
+    for j in range(k):
+      tap = jax.lax.slice(
+          x,
+          (0, i, j, 0),
+          (b, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, c),
+          (1, stride, stride, 1),
+      )
+      term = tap.astype(acc) * kernel[i, j, 0]
+      out = term if out is None else out + term
+  return out.astype(x.dtype)
+
+
+class DepthwiseConv(nn.Module):
+  """A bias-free depthwise conv, params as `nn.Conv` (`kernel [k,k,1,C]`).
+
+  Initialised as timm does it: `layers.conv` draws with fan-out `k*k*C`;
+  timm divides the fan-out by the groups (`fix_group_fanout`), i.e. `k*k`
+  for a depthwise conv, which gives a `sqrt(C)` larger initial scale (only
+  matters when training from scratch).
+
+  Attributes:
+    features: channels (in = out = groups).
+    kernel_size: square kernel side.
+    stride: spatial stride.
+    dtype: compute dtype; the kernel is float32.
+  """
+
+  features: int
+  kernel_size: int
+  stride: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    kernel = self.param(
+        "kernel",
+        nn.initializers.normal(math.sqrt(2.0 / (k * k))),
+        (k, k, 1, self.features),
+        jnp.float32,
+    )
+    x = x.astype(self.dtype)
+    kernel = kernel.astype(self.dtype)
+    if depthwise_method == "slices":
+      return depthwise_by_slices(x, kernel, self.stride)
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(self.stride, self.stride),
+        padding=layers.torch_padding(k),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=self.features,
+    )
+
+
+def _depthwise_conv(features, kernel, stride, dtype, name):
+  """The block's `conv_dw` (same param tree as the former `nn.Conv`)."""
+  return DepthwiseConv(features, kernel, stride, dtype, name=name)
 
 
 def _torch_linear_bias_init(fan_in):
