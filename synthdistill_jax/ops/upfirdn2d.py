@@ -103,6 +103,8 @@ def _shifted_sum(x: jax.Array, k: np.ndarray, strides) -> jax.Array:
   sy, sx = strides
   out_h = (x.shape[1] - kh) // sy + 1
   out_w = (x.shape[2] - kw) // sx + 1
+  # Accumulate in float32 (at least), as the conv does for bfloat16.
+  acc = jnp.promote_types(x.dtype, jnp.float32)
   out = None
   for i in range(kh):
     for j in range(kw):
@@ -118,11 +120,11 @@ def _shifted_sum(x: jax.Array, k: np.ndarray, strides) -> jax.Array:
               x.shape[3],
           ),
           (1, sy, sx, 1),
-      ) * jnp.asarray(k[i, j], x.dtype)
+      ).astype(acc) * jnp.asarray(k[i, j], acc)
       out = term if out is None else out + term
   if out is None:
     out = jnp.zeros((x.shape[0], out_h, out_w, x.shape[3]), x.dtype)
-  return out
+  return out.astype(x.dtype)
 
 
 def _filter(x, k, strides, precision):
