@@ -28,8 +28,9 @@ def test_one_and_eight_devices_agree(tmp_path, student_sharding):
     runs[n] = (result, losses)
   (r1, l1), (r8, l8) = runs[1], runs[8]
   np.testing.assert_allclose(l1, l8, rtol=1e-5)
-  for a, b in zip(test_train.final_params(r1), test_train.final_params(r8)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  test_train.assert_params_close(
+      test_train.final_params(r1), test_train.final_params(r8)
+  )
   np.testing.assert_allclose(
-      r1.validation[-1]["r2"], r8.validation[-1]["r2"], rtol=1e-4, atol=1e-5
+      r1.validation[-1]["r2"], r8.validation[-1]["r2"], rtol=1e-3, atol=1e-3
   )

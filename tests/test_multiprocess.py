@@ -68,7 +68,6 @@ def test_two_processes_match_one_process(tmp_path):
   ]
   np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
   _, variables = models.load(tmp_path / "multi" / "student")
-  for a, b in zip(
+  test_train.assert_params_close(
       jax.tree.leaves(variables["params"]), test_train.final_params(single)
-  ):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  )
