@@ -32,5 +32,5 @@ def test_one_and_eight_devices_agree(tmp_path, student_sharding):
       test_train.final_params(r1), test_train.final_params(r8)
   )
   np.testing.assert_allclose(
-      r1.validation[-1]["r2"], r8.validation[-1]["r2"], rtol=1e-3, atol=1e-3
+      r1.validation[-1]["r2"], r8.validation[-1]["r2"], atol=1e-2
   )
