@@ -62,6 +62,9 @@ def initialize_distributed() -> None:
 
 def main(argv) -> None:
   del argv
+  if not FLAGS["verbosity"].present:
+    # orbax logs every save at INFO; keep the console to the progress bar.
+    logging.set_verbosity(logging.WARNING)
   initialize_distributed()
   logging.info(
       "process %d/%d, %d local / %d global devices (%s)",
