@@ -23,6 +23,7 @@ import tqdm
 
 from synthdistill_jax import checkpoints
 from synthdistill_jax import distill
+from synthdistill_jax import faces
 from synthdistill_jax import frozen
 from synthdistill_jax import metrics_io
 from synthdistill_jax import sharding
@@ -279,6 +280,59 @@ def calibrate_random_teacher(config, render, teacher, gen_vars):
       for i in range(config.teacher.calibrate_batches)
   )
   return frozen.calibrate_teacher(teacher, batches)
+
+
+def static_examples(config, num_examples: int, seed: int):
+  """Yields `{w, face, teacher}` numpy batches of the config's networks.
+
+  Args:
+    config: an experiment config (generator, teacher, batch size).
+    num_examples: total examples; the last batch may be smaller.
+    seed: seed of the latents and pixel noise.
+
+  Yields:
+    Batches: w `[b, w_dim]` float32, face `[b, 112, 112, 3]` uint8, teacher
+    `[b, emb]` float32.
+  """
+  generator = frozen.build_generator(config.generator)
+  teacher = frozen.build_teacher(config.teacher)
+  mesh = sharding.create_mesh(1)
+  batch = config.schedule.batch_size
+  spec = distill.DistillSpec(
+      generator=generator.module,
+      teacher=teacher.module,
+      student=None,
+      tx=None,
+      schedule=None,
+      batch_size=batch,
+      truncation_psi=config.generator.truncation_psi,
+      noise_mode=config.generator.noise_mode,
+  )
+  if not config.teacher.checkpoint and config.teacher.calibrate_batches:
+    render = frozen.create_renderer(spec, mesh, batch)
+    teacher = calibrate_random_teacher(
+        config, render, teacher, generator.variables
+    )
+
+  @jax.jit
+  def make_batch(gen_vars, teacher_vars, key):
+    w = distill.sample_latents(spec, gen_vars, jax.random.fold_in(key, 0))
+    x = distill.render_faces(spec, gen_vars, w, jax.random.fold_in(key, 1))
+    face = faces.quantise_faces(x)
+    t = distill.embed_teacher(
+        spec, teacher_vars, face.astype(jnp.float32) / 255.0
+    )
+    return w, face, t
+
+  root = jax.random.PRNGKey(seed)
+  for i, start in enumerate(range(0, num_examples, batch)):
+    w, face, t = jax.device_get(
+        make_batch(
+            generator.variables, teacher.variables, jax.random.fold_in(root, i)
+        )
+    )
+    n = min(batch, num_examples - start)
+    yield {"w": w[:n], "face": face[:n], "teacher": np.asarray(t[:n])}
 
 
 def static_batches(config, mesh, start_step: int):

@@ -139,21 +139,38 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 
 
 def test_static_dataset_tool_and_static_sampler(tmp_path):
-  sys.path.insert(0, str(ROOT / "tools"))
-  import make_static_dataset  # pylint: disable=g-import-not-at-top
   from synthdistill_jax.data import static_dataset  # pylint: disable=g-import-not-at-top
 
-  config = tiny_config()
-  examples = list(make_static_dataset.generate_examples(config, 20, seed=0))
+  # The library function: batches of the config's size, the last one short.
+  examples = list(train.static_examples(tiny_config(), 20, seed=0))
   assert [len(b["w"]) for b in examples] == [8, 8, 4]
   assert examples[0]["face"].dtype == np.uint8
-  static_dataset.write_static_dataset(
-      tmp_path / "static",
-      iter(examples),
-      num_examples=20,
-      w_dim=examples[0]["w"].shape[1],
-      emb_dim=examples[0]["teacher"].shape[1],
+  # The command-line tool writes the same examples as a TFDS dataset.
+  out = subprocess.run(
+      [
+          sys.executable,
+          str(ROOT / "tools" / "make_static_dataset.py"),
+          f"--config={ROOT / 'configs' / 'demo.py'}:tiny",
+          f"--output={tmp_path / 'static'}",
+          "--num_examples=20",
+      ],
+      cwd=ROOT,
+      env=dict(os.environ, XLA_FLAGS=""),
+      capture_output=True,
+      text=True,
+      timeout=600,
+      check=False,
   )
+  assert out.returncode == 0, out.stderr
+  assert "wrote 20 examples" in out.stdout
+  ds = static_dataset.StaticDataset(tmp_path / "static")
+  (stored,) = ds.batches(20, seed=0, epoch=0)
+  order = np.argsort(stored["index"])
+  # The tool runs at the default matmul precision, the tests at 'highest'.
+  for name, atol in (("w", 1e-4), ("face", 1), ("teacher", 1e-2)):
+    want = np.concatenate([b[name] for b in examples]).astype(np.float32)
+    got = stored[name][order].astype(np.float32)
+    np.testing.assert_allclose(got, want, atol=atol, err_msg=name)
   config = tiny_config(
       **{
           "sampler.kind": "static",
