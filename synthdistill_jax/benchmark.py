@@ -78,6 +78,12 @@ _RANDOM_WEIGHTS = flags.DEFINE_bool(
     "Random frozen networks of the configured shapes instead of checkpoints"
     " (also used, and labelled, when a checkpoint is missing).",
 )
+_PROFILE_DIR = flags.DEFINE_string(
+    "profile_dir",
+    None,
+    "Also record a profiler trace of each stage's timed calls under"
+    " DIR/<config>/<stage> (open with TensorBoard's profile plugin or XProf).",
+)
 _PEAK_SIZE = flags.DEFINE_integer(
     "peak_size", None, "Side of the square peak matmul (default by backend)."
 )
@@ -194,13 +200,17 @@ def read_peak_memory() -> dict[str, Any]:
   return {"source": "process max RSS", "peak_bytes": int(rss)}
 
 
-def time_stage(stage: Stage, warmup: int, iters: int):
+def time_stage(
+    stage: Stage, warmup: int, iters: int, profile_dir: str | None = None
+):
   """Compiles a stage ahead of time, then times `iters` calls after `warmup`.
 
   Args:
     stage: what to run.
     warmup: untimed calls (at least one, so caches and allocators are warm).
     iters: timed calls; each is followed by `block_until_ready`.
+    profile_dir: if set, the timed calls run under `jax.profiler.trace` into
+      this folder (the timings then include the tracer's small overhead).
 
   Returns:
     `(record, last_output)`: timings (seconds), FLOPs, images/s and memory
@@ -213,14 +223,19 @@ def time_stage(stage: Stage, warmup: int, iters: int):
   compile_s = time.perf_counter() - start
   args = stage.args
   times = []
-  for i in range(max(warmup, 1) + iters):
+  warmup = max(warmup, 1)
+  for i in range(warmup + iters):
+    if profile_dir and i == warmup:
+      jax.profiler.start_trace(profile_dir)
     start = time.perf_counter()
     out = compiled(*args)
     jax.block_until_ready(out)
-    if i >= max(warmup, 1):
+    if i >= warmup:
       times.append(time.perf_counter() - start)
     if stage.carry:
       args = (out[0],) + tuple(args[1:])
+  if profile_dir:
+    jax.profiler.stop_trace()
   seconds = statistics.median(times)
   flops = read_flops(compiled)
   n_devices = count_devices(compiled)
@@ -373,25 +388,12 @@ def prepare_training(config, random_weights: bool) -> dict[str, Any]:
     )
   generator, teacher, student = train.build_networks(config)
   tx, schedule = train.create_optimizer(config)
-  spec = distill.DistillSpec(
-      generator=generator.module,
-      teacher=teacher.module,
-      student=student.module,
-      tx=tx,
-      schedule=schedule,
-      batch_size=config.schedule.batch_size,
-      sampler=config.sampler.kind,
-      loss=config.loss,
-      resampling_coef=config.sampler.resampling_coef,
-      truncation_psi=config.generator.truncation_psi,
-      noise_mode=config.generator.noise_mode,
-      batch_sharding=sharding.batch_sharding(mesh),
+  spec = train.create_spec(
+      config, mesh, (generator, teacher, student), tx, schedule
   )
-  gen_vars = sharding.put_replicated(mesh, generator.variables)
-  if not config.teacher.checkpoint and config.teacher.calibrate_batches:
-    render = frozen.create_renderer(spec, mesh, config.schedule.batch_size)
-    teacher = train.calibrate_random_teacher(config, render, teacher, gen_vars)
-  teacher_vars = sharding.put_replicated(mesh, teacher.variables)
+  gen_vars, teacher_vars, _ = train.place_frozen(
+      config, mesh, spec, generator, teacher
+  )
   state, state_shardings = train.create_state(mesh, config, student, tx)
   iterate, _ = train.compile_programs(spec, mesh, state_shardings)
   return dict(
@@ -462,7 +464,12 @@ def build_stages(ctx: dict[str, Any], key: jax.Array) -> list:
 
 
 def run_benchmark(
-    config, random_weights: bool, warmup: int, iters: int, peak_size: int
+    config,
+    random_weights: bool,
+    warmup: int,
+    iters: int,
+    peak_size: int,
+    profile_dir: str | None = None,
 ) -> dict[str, Any]:
   """Benchmarks every stage of one config.
 
@@ -472,6 +479,8 @@ def run_benchmark(
     warmup: untimed calls per stage.
     iters: timed calls per stage.
     peak_size: side of the peak matmul.
+    profile_dir: if set, a profiler trace per stage under
+      `profile_dir/<config name>/<stage>`.
 
   Returns:
     The result record that goes into the JSON file.
@@ -492,7 +501,11 @@ def run_benchmark(
   key = jax.random.PRNGKey(config.seed)
   for name, jitted, make_args, images, *carry in build_stages(ctx, key):
     stage = Stage(name, jitted, make_args(outputs), images, bool(carry))
-    timing, outputs[name] = time_stage(stage, warmup, iters)
+    trace_dir = None
+    if profile_dir:
+      slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+      trace_dir = os.path.join(profile_dir, describe_config(config), slug)
+    timing, outputs[name] = time_stage(stage, warmup, iters, trace_dir)
     timing["mfu"] = timing["flops_per_s"] / units / peak["flops_per_s"]
     timing["mfu_datasheet"] = (
         timing["flops_per_s"] / units / datasheet if datasheet else None
@@ -667,6 +680,7 @@ def main(argv: list[str]) -> None:
               _WARMUP.value,
               _ITERS.value,
               peak_size,
+              _PROFILE_DIR.value,
           )
       )
       print(format_table(results[-1]), flush=True)

@@ -26,6 +26,7 @@ from synthdistill_jax import distill
 from synthdistill_jax import faces
 from synthdistill_jax import frozen
 from synthdistill_jax import metrics_io
+from synthdistill_jax import models
 from synthdistill_jax import sharding
 
 ConfigError = frozen.ConfigError
@@ -136,6 +137,22 @@ def create_optimizer(config):
       staircase=True,
   )
   tx = optax.adam(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps)
+  frozen_paths = set(models.registry.frozen_params(config.student.arch))
+  if frozen_paths:
+    # Parameters the reference never trains keep their initial value.
+    def label(params):
+      return jax.tree_util.tree_map_with_path(
+          lambda path, _: (
+              "frozen"
+              if tuple(k.key for k in path) in frozen_paths
+              else "trained"
+          ),
+          params,
+      )
+
+    tx = optax.multi_transform(
+        {"trained": tx, "frozen": optax.set_to_zero()}, label
+    )
   return tx, schedule
 
 
@@ -272,6 +289,62 @@ def build_networks(config):
   return generator, teacher, student
 
 
+def create_spec(config, mesh, networks, tx=None, schedule=None):
+  """The `distill.DistillSpec` of a config, sharded over `mesh`.
+
+  Args:
+    config: the experiment config.
+    mesh: the device mesh (the batch is sharded on its 'data' axis).
+    networks: `(generator, teacher, student)` from `build_networks`; any may
+      be None where the caller does not need it.
+    tx: the student's optax transformation (None when nothing is trained).
+    schedule: its learning-rate schedule.
+
+  Returns:
+    The spec.
+  """
+  generator, teacher, student = networks
+  return distill.DistillSpec(
+      generator=generator and generator.module,
+      teacher=teacher and teacher.module,
+      student=student and student.module,
+      tx=tx,
+      schedule=schedule,
+      batch_size=config.schedule.batch_size,
+      sampler=config.sampler.kind,
+      loss=config.loss,
+      resampling_coef=config.sampler.resampling_coef,
+      truncation_psi=config.generator.truncation_psi,
+      noise_mode=config.generator.noise_mode,
+      batch_sharding=sharding.batch_sharding(mesh),
+  )
+
+
+def place_frozen(config, mesh, spec, generator, teacher):
+  """Replicates the frozen networks on the mesh (inputs, never state).
+
+  A random teacher (no checkpoint) first gets BN statistics estimated on
+  generated faces (`teacher.calibrate_batches`), as a trained one has.
+
+  Args:
+    config: the experiment config.
+    mesh: the device mesh.
+    spec: from `create_spec`.
+    generator: the generator `frozen.Network`.
+    teacher: the teacher `frozen.Network`.
+
+  Returns:
+    `(gen_vars, teacher_vars, render)`; `render(gen_vars, key)` gives host
+    images and crops of one batch (`frozen.create_renderer`).
+  """
+  gen_vars = sharding.put_replicated(mesh, generator.variables)
+  render = frozen.create_renderer(spec, mesh, config.schedule.batch_size)
+  if not config.teacher.checkpoint and config.teacher.calibrate_batches:
+    teacher = calibrate_random_teacher(config, render, teacher, gen_vars)
+  teacher_vars = sharding.put_replicated(mesh, teacher.variables)
+  return gen_vars, teacher_vars, render
+
+
 def calibrate_random_teacher(config, render, teacher, gen_vars):
   """Estimates a random teacher's BN statistics on generated faces."""
   root = jax.random.fold_in(jax.random.PRNGKey(config.seed), _VAL_TAG - 1)
@@ -297,22 +370,11 @@ def static_examples(config, num_examples: int, seed: int):
   generator = frozen.build_generator(config.generator)
   teacher = frozen.build_teacher(config.teacher)
   mesh = sharding.create_mesh(1)
-  batch = config.schedule.batch_size
-  spec = distill.DistillSpec(
-      generator=generator.module,
-      teacher=teacher.module,
-      student=None,
-      tx=None,
-      schedule=None,
-      batch_size=batch,
-      truncation_psi=config.generator.truncation_psi,
-      noise_mode=config.generator.noise_mode,
+  spec = create_spec(config, mesh, (generator, teacher, None))
+  gen_vars, teacher_vars, _ = place_frozen(
+      config, mesh, spec, generator, teacher
   )
-  if not config.teacher.checkpoint and config.teacher.calibrate_batches:
-    render = frozen.create_renderer(spec, mesh, batch)
-    teacher = calibrate_random_teacher(
-        config, render, teacher, generator.variables
-    )
+  batch = spec.batch_size
 
   @jax.jit
   def make_batch(gen_vars, teacher_vars, key):
@@ -327,9 +389,7 @@ def static_examples(config, num_examples: int, seed: int):
   root = jax.random.PRNGKey(seed)
   for i, start in enumerate(range(0, num_examples, batch)):
     w, face, t = jax.device_get(
-        make_batch(
-            generator.variables, teacher.variables, jax.random.fold_in(root, i)
-        )
+        make_batch(gen_vars, teacher_vars, jax.random.fold_in(root, i))
     )
     n = min(batch, num_examples - start)
     yield {"w": w[:n], "face": face[:n], "teacher": np.asarray(t[:n])}
@@ -463,27 +523,12 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
   # --- Frozen networks and the student.
   generator, teacher, student = build_networks(config)
   tx, schedule = create_optimizer(config)
-  spec = distill.DistillSpec(
-      generator=generator and generator.module,
-      teacher=teacher and teacher.module,
-      student=student.module,
-      tx=tx,
-      schedule=schedule,
-      batch_size=config.schedule.batch_size,
-      sampler=config.sampler.kind,
-      loss=config.loss,
-      resampling_coef=config.sampler.resampling_coef,
-      truncation_psi=config.generator.truncation_psi,
-      noise_mode=config.generator.noise_mode,
-      batch_sharding=sharding.batch_sharding(mesh),
-  )
+  spec = create_spec(config, mesh, (generator, teacher, student), tx, schedule)
   gen_vars = teacher_vars = render = None
   if generator is not None:
-    gen_vars = sharding.put_replicated(mesh, generator.variables)
-    render = frozen.create_renderer(spec, mesh, config.schedule.batch_size)
-    if not config.teacher.checkpoint and config.teacher.calibrate_batches:
-      teacher = calibrate_random_teacher(config, render, teacher, gen_vars)
-    teacher_vars = sharding.put_replicated(mesh, teacher.variables)
+    gen_vars, teacher_vars, render = place_frozen(
+        config, mesh, spec, generator, teacher
+    )
   # --- Student state, restored if the workdir has a checkpoint.
   state, state_shardings = create_state(mesh, config, student, tx)
   manager = checkpoints.create_manager(

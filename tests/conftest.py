@@ -11,4 +11,3 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Parity tests compare against float32 PyTorch on CPU: use exact matmuls.
 jax.config.update("jax_default_matmul_precision", "highest")
-

@@ -72,6 +72,15 @@ def test_time_stage_threads_the_carried_state():
   assert set(timing["memory"]) >= {"argument_bytes", "temp_bytes"}
 
 
+def test_time_stage_writes_a_profiler_trace(tmp_path):
+  stage = benchmark.Stage(
+      "toy", jax.jit(jnp.sin), (jnp.zeros((64, 64)),), images=64
+  )
+  benchmark.time_stage(stage, warmup=1, iters=2, profile_dir=str(tmp_path))
+  traces = list(tmp_path.glob("**/*.xplane.pb"))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0
+
+
 def test_measure_peak_reports_matmul_flops():
   peak = benchmark.measure_peak("float32", 128, warmup=1, iters=2)
   assert peak["flops_per_s"] > 0

@@ -86,6 +86,19 @@ def test_every_preset_student_takes_a_step(student):
       lambda s, b: distill.iteration(spec, s, None, None, b)
   )(state, ((face, target), (face, target)))
   assert int(new.step) == 1 and np.isfinite(float(metrics["loss"]))
+  # Parameters the reference freezes (IResNet features.weight) stay put;
+  # the others move.
+  frozen_paths = models.registry.frozen_params(student)
+  assert bool(frozen_paths) == (student == "iresnet18")
+  moved = {}
+  for path, before in jax.tree_util.tree_leaves_with_path(state.params):
+    after = new.params
+    for k in path:
+      after = after[k.key]
+    moved[tuple(k.key for k in path)] = not np.array_equal(before, after)
+  for path in frozen_paths:
+    assert not moved[path], path
+  assert sum(moved.values()) >= len(moved) - len(frozen_paths) - 2
 
 
 def _error(config, num_devices=None):

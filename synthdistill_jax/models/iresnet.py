@@ -29,6 +29,10 @@ import jax.numpy as jnp
 from synthdistill_jax.models import layers
 
 ARCHS = ("iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200")
+# Parameters an optimiser must leave alone: insightface initialises the final
+# BatchNorm1d's weight to 1 and sets `requires_grad = False`, so a trained
+# IResNet keeps it at 1 (PyTorch's Adam skips parameters without gradients).
+FROZEN_PARAMS = (("features", "scale"),)
 
 # Blocks per stage, as insightface's iresnet18 ... iresnet200 build them.
 STAGE_BLOCKS = {

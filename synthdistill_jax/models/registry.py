@@ -9,7 +9,8 @@ neither PyTorch nor the original checkpoint:
   emb = module.apply(variables, x_nhwc)
 
 Each model module (`iresnet`, `mobilefacenet`, `tinynet`, `stylegan2`) exposes
-`ARCHS` (the names it builds) and `create(arch, **kwargs) -> nn.Module`.
+`ARCHS` (the names it builds) and `create(arch, **kwargs) -> nn.Module`, and
+optionally `FROZEN_PARAMS`, the parameter paths the reference never trains.
 """
 
 import importlib
@@ -57,6 +58,26 @@ def create_model(arch: str, **kwargs: Any) -> nn.Module:
       f"synthdistill_jax.models.{_ARCH_MODULES[arch]}"
   )
   return module.create(arch, **kwargs)
+
+
+def frozen_params(arch: str) -> tuple[tuple[str, ...], ...]:
+  """Parameter paths of `arch` that the reference code does not train.
+
+  Args:
+    arch: an architecture name (see `architectures()`).
+
+  Returns:
+    Paths into the `params` collection, e.g. `(('features', 'scale'),)` for
+    the IResNets; empty for architectures that train every parameter.
+  """
+  if arch not in _ARCH_MODULES:
+    raise ValueError(
+        f"unknown architecture {arch!r}; known: {', '.join(architectures())}"
+    )
+  module = importlib.import_module(
+      f"synthdistill_jax.models.{_ARCH_MODULES[arch]}"
+  )
+  return tuple(getattr(module, "FROZEN_PARAMS", ()))
 
 
 def _to_numpy(tree):
