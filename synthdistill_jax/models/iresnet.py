@@ -94,7 +94,7 @@ class BasicBlock(nn.Module):
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     bn = functools.partial(
         layers.BatchNorm, epsilon=self.bn_eps, dtype=self.dtype
     )
@@ -127,6 +127,8 @@ class IResNet(nn.Module):
     input_size: side of the square input; the FC input size depends on it.
     dtype: compute dtype of the trunk ('float32', 'bfloat16' or 'float16');
       the head (BN, flatten, FC, BN) always runs in float32.
+    remat: recompute each block's activations in the backward pass (less
+      memory when training a student, about one more forward of compute).
   """
 
   layers: Sequence[int] = STAGE_BLOCKS["iresnet100"]
@@ -136,6 +138,7 @@ class IResNet(nn.Module):
   dropout: float = 0.0
   input_size: int = 112
   dtype: str = "float32"
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -158,7 +161,7 @@ class IResNet(nn.Module):
     x = layers.PReLU(dtype=dtype, name="prelu")(x)
     for stage, (blocks, width) in enumerate(zip(self.layers, self.widths)):
       for i in range(blocks):
-        x = BasicBlock(
+        x = layers.remat_block(BasicBlock, self.remat)(
             width,
             stride=2 if i == 0 else 1,
             bn_eps=self.bn_eps,
@@ -166,7 +169,7 @@ class IResNet(nn.Module):
             branch_gain=1.0 / sum(self.layers),
             dtype=dtype,
             name=f"layer{stage + 1}_{i}",
-        )(x, train=train)
+        )(x, train)
     return self._embed(x, train)
 
   def _embed(self, x: jax.Array, train: bool) -> jax.Array:

@@ -93,6 +93,24 @@ class PReLU(nn.Module):
     return jnp.where(x >= 0, x, alpha.astype(self.dtype) * x)
 
 
+def remat_block(block_cls, enabled: bool):
+  """`block_cls`, rematerialised in the backward pass when `enabled`.
+
+  The block's activations are then recomputed during differentiation instead
+  of being kept from the forward pass: less memory for a student's backward
+  at the cost of about one more forward. Parameter names are unchanged. The
+  block must take `train` as its second positional argument (it is static).
+
+  Args:
+    block_cls: a Flax module class called as `block(x, train)`.
+    enabled: whether to wrap it.
+
+  Returns:
+    The class to instantiate.
+  """
+  return nn.remat(block_cls, static_argnums=(2,)) if enabled else block_cls
+
+
 def torch_padding(kernel_size: int, padding: int | None = None):
   """Explicit symmetric padding of a PyTorch conv (default: `k // 2`)."""
   p = kernel_size // 2 if padding is None else padding

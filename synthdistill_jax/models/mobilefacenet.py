@@ -100,7 +100,7 @@ class DepthWise(nn.Module):
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     common = dict(bn_eps=self.bn_eps, dtype=self.dtype)
     y = ConvBlock(self.groups, name="layers_0", **common)(x, train=train)
     y = ConvBlock(
@@ -132,6 +132,7 @@ class Residual(nn.Module):
     bn_eps: BatchNorm epsilon.
     branch_gain: init gain of each block's last conv.
     dtype: compute dtype.
+    remat: rematerialise each block (see `layers.remat_block`).
   """
 
   features: int
@@ -140,11 +141,12 @@ class Residual(nn.Module):
   bn_eps: float = 1e-5
   branch_gain: float = 1.0
   dtype: layers.Dtype = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     for i in range(self.num_blocks):
-      x = DepthWise(
+      x = layers.remat_block(DepthWise, self.remat)(
           self.features,
           self.groups,
           residual=True,
@@ -152,7 +154,7 @@ class Residual(nn.Module):
           branch_gain=self.branch_gain,
           dtype=self.dtype,
           name=f"layers_{i}",
-      )(x, train=train)
+      )(x, train)
     return x
 
 
@@ -202,6 +204,8 @@ class MobileFaceNet(nn.Module):
     bn_eps: BatchNorm epsilon.
     dtype: compute dtype of the trunk ('float32', 'bfloat16', 'float16');
       `conv_sep` and the GDC head run in float32, as upstream's fp16 mode.
+    remat: recompute each depth-wise block's activations in the backward
+      pass (less memory when training, about one more forward of compute).
   """
 
   num_features: int = 512
@@ -209,6 +213,7 @@ class MobileFaceNet(nn.Module):
   scale: int = 2
   bn_eps: float = 1e-5
   dtype: str = "float32"
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -231,7 +236,9 @@ class MobileFaceNet(nn.Module):
     if self.blocks[0] == 1:
       stage0 = ConvBlock(c1, 3, 1, 1, groups=64, name="layers_1", **common)
     else:
-      stage0 = Residual(c1, self.blocks[0], 128, name="layers_1", **residual)
+      stage0 = Residual(
+          c1, self.blocks[0], 128, remat=self.remat, name="layers_1", **residual
+      )
     x = stage0(x, train=train)
     # (module, out channels, inner width) as upstream hard-codes them.
     stages = (
@@ -245,12 +252,20 @@ class MobileFaceNet(nn.Module):
     for i, (kind, features, groups) in enumerate(stages):
       name = f"layers_{i + 2}"
       if kind is DepthWise:
-        block = DepthWise(features, groups, 2, name=name, **common)
+        block = layers.remat_block(DepthWise, self.remat)(
+            features, groups, 2, name=name, **common
+        )
+        x = block(x, train)
       else:
         block = Residual(
-            features, self.blocks[i // 2 + 1], groups, name=name, **residual
+            features,
+            self.blocks[i // 2 + 1],
+            groups,
+            remat=self.remat,
+            name=name,
+            **residual,
         )
-      x = block(x, train=train)
+        x = block(x, train=train)
     x = ConvBlock(512, bn_eps=self.bn_eps, name="conv_sep")(
         x.astype(jnp.float32), train=train
     )

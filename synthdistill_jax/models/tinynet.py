@@ -345,7 +345,7 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     spec, dtype = self.spec, self.dtype
 
     def bn(name):
@@ -387,6 +387,8 @@ class TinyFaR(nn.Module):
     bn_eps: BatchNorm epsilon (PyTorch's 1e-5, not TF's 1e-3).
     dtype: compute dtype name ('float32' or 'bfloat16'); params are float32
       and the output is float32.
+    remat: recompute each block's activations in the backward pass (less
+      memory when training, about one more forward of compute).
   """
 
   width_multiplier: float = 1.0
@@ -396,6 +398,7 @@ class TinyFaR(nn.Module):
   stem_size: int = STEM_SIZE
   bn_eps: float = 1e-5
   dtype: str = "float32"
+  remat: bool = False
 
   def block_specs(self) -> tuple[tuple[BlockSpec, ...], ...]:
     """The static block shapes of this network."""
@@ -436,8 +439,9 @@ class TinyFaR(nn.Module):
     x = nn.silu(bn("bn1")(x, train=train))
     for i, stage in enumerate(self.block_specs()):
       for j, spec in enumerate(stage):
-        block = Block(spec, self.bn_eps, dtype, name=f"blocks_{i}_{j}")
-        x = block(x, train=train)
+        block_cls = layers.remat_block(Block, self.remat)
+        block = block_cls(spec, self.bn_eps, dtype, name=f"blocks_{i}_{j}")
+        x = block(x, train)
     x = layers.conv(self.head_features(), 1, dtype=dtype, name="conv_head")(x)
     x = nn.silu(bn("bn2")(x, train=train))
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
