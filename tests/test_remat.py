@@ -13,7 +13,8 @@ def _flat(tree) -> np.ndarray:
   return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
 
 
-@pytest.mark.parametrize("arch", sorted(test_configs.TINY_STUDENTS))
+# One architecture per block implementation (TinyFaR-A/B/C share theirs).
+@pytest.mark.parametrize("arch", ["iresnet18", "mobilefacenet", "tinyfar_c"])
 def test_remat_student_has_the_same_gradients(arch):
   kwargs = dict(test_configs.TINY_STUDENTS[arch], embedding_size=16)
   if arch == "mobilefacenet":
@@ -27,8 +28,8 @@ def test_remat_student_has_the_same_gradients(arch):
       jax.eval_shape(remat.init, jax.random.key(0), x)
   )
 
-  def loss_and_grads(module, jit=True):
-    def loss(params):
+  def loss_and_grads(module):
+    def loss(params, x, target):
       out, new = module.apply(
           {**variables, "params": params},
           x,
@@ -37,17 +38,19 @@ def test_remat_student_has_the_same_gradients(arch):
       )
       return jnp.sum(out * target), new
 
-    fn = jax.value_and_grad(loss, has_aux=True)
-    return (jax.jit(fn) if jit else fn)(variables["params"])
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
-  (l1, s1), g1 = loss_and_grads(plain)
-  (l2, s2), g2 = loss_and_grads(remat)
-  (_, _), g0 = loss_and_grads(plain, jit=False)
+  plain_fn = loss_and_grads(plain)
+  (l1, s1), g1 = plain_fn(variables["params"], x, target)
+  (l2, s2), g2 = loss_and_grads(remat)(variables["params"], x, target)
   np.testing.assert_allclose(l1, l2, rtol=1e-4)
   np.testing.assert_allclose(_flat(s1), _flat(s2), rtol=1e-4, atol=1e-5)
   # Remat changes XLA's fusions and so the float summation order; these
   # random tiny networks amplify rounding noise to ~1e-3 of the gradient.
-  # Remat must stay within the noise between jitted and eager execution.
+  # The noise floor: the same program on the batch in another order (the
+  # same function mathematically, other sums).
+  perm = np.arange(8)[::-1]
+  _, g0 = plain_fn(variables["params"], x[perm], target[perm])
   ref = np.linalg.norm(_flat(g1))
   noise = np.linalg.norm(_flat(g1) - _flat(g0)) / ref
   dist = np.linalg.norm(_flat(g1) - _flat(g2)) / ref

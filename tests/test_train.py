@@ -1,5 +1,6 @@
 """`train_and_evaluate` end to end on tiny networks: outputs, NaN stop, SIGTERM."""
 
+import logging
 import os
 import pathlib
 import signal
@@ -182,3 +183,26 @@ def test_static_dataset_tool_and_static_sampler(tmp_path):
   assert int(result.state.step) == 3
   losses = [r["loss"] for r in metrics_io.read_metrics(tmp_path / "run")]
   assert len(losses) == 3 and all(np.isfinite(losses))
+
+
+def test_no_recompilation_after_the_first_iteration(tmp_path, caplog):
+  # Two epochs (validation, a learning-rate step, checkpoints between
+  # iterations): the iteration and the validation compile once each.
+  config = tiny_config(
+      **{
+          "schedule.epochs": 2,
+          "schedule.steps_per_epoch": 2,
+          "optimizer.decay_every_epochs": 1,
+          "checkpoint.every_steps": 1,
+      }
+  )
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+    result = train.train_and_evaluate(config, str(tmp_path))
+  assert int(result.state.step) == 4
+  compiled = [
+      r.getMessage().split()[1]
+      for r in caplog.records
+      if r.getMessage().startswith("Compiling ")
+  ]
+  assert compiled.count("jit(iteration)") == 1, compiled
+  assert compiled.count("jit(evaluate_batch)") == 1, compiled

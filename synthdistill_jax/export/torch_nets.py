@@ -26,7 +26,7 @@ from synthdistill_jax.models import iresnet as flax_iresnet
 from synthdistill_jax.models import tinynet as flax_tinynet
 
 # Flax-only constructor arguments that change nothing in eval-mode PyTorch.
-_IGNORED = ("dtype", "dropout")
+_IGNORED = ("dtype", "dropout", "remat")
 
 
 def _conv(cin, cout, kernel, stride=1, padding=0, groups=1, bias=False):
