@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from synthdistill_jax.models import layers
+from synthdistill_jax.ops import upfirdn2d
 
 ARCHS = ("tinyfar_a", "tinyfar_b", "tinyfar_c")
 
@@ -200,23 +201,9 @@ def depthwise_by_slices(x: jax.Array, kernel: jax.Array, stride: int):
   k = kernel.shape[0]
   (p0, p1), (q0, q1) = layers.torch_padding(k)
   x = jnp.pad(x, ((0, 0), (p0, p1), (q0, q1), (0, 0)))
-  b, h, w, c = x.shape
-  out_h, out_w = (h - k) // stride + 1, (w - k) // stride + 1
-  # Accumulate in float32 (at least), as the conv does for bfloat16.
-  acc = jnp.promote_types(x.dtype, jnp.float32)
-  kernel = kernel.astype(acc)
-  out = None
-  for i in range(k):
-    for j in range(k):
-      tap = jax.lax.slice(
-          x,
-          (0, i, j, 0),
-          (b, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, c),
-          (1, stride, stride, 1),
-      )
-      term = tap.astype(acc) * kernel[i, j, 0]
-      out = term if out is None else out + term
-  return out.astype(x.dtype)
+  return upfirdn2d.weighted_window_sum(
+      x, lambda i, j: kernel[i, j, 0], k, k, (stride, stride)
+  )
 
 
 class DepthwiseConv(nn.Module):

@@ -93,44 +93,60 @@ def _depthwise(x: jax.Array, k: jax.Array, strides, precision) -> jax.Array:
   )
 
 
-def _shifted_sum(x: jax.Array, k: np.ndarray, strides) -> jax.Array:
-  """`_depthwise` as a sum of `k[i, j] * x[i::sy, j::sx]` (VALID windows).
+def weighted_window_sum(x: jax.Array, weight, kh: int, kw: int, strides):
+  """`sum_ij weight(i, j) * x[:, i::sy, j::sx, :]` over a `kh x kw` window.
 
-  The taps are static numbers, so XLA fuses the slices and the weighted sum
-  into one elementwise loop.
+  A depthwise VALID correlation written as shifted strided slices: XLA fuses
+  the slices and the weighted sum into one elementwise loop, and its
+  gradient is pads and adds (XLA:CPU runs depthwise grouped convs an order
+  of magnitude slower). Accumulates in float32 at least, as the conv does
+  for bfloat16, and returns `x.dtype`.
+
+  Args:
+    x: `[batch, h, w, channels]`, already padded.
+    weight: `weight(i, j)` gives the tap's multiplier (a scalar, or
+      per-channel `[channels]`), or None for a zero tap (skipped).
+    kh: window height.
+    kw: window width.
+    strides: `(sy, sx)`.
+
+  Returns:
+    `[batch, (h - kh) // sy + 1, (w - kw) // sx + 1, channels]`.
   """
-  kh, kw = k.shape
   sy, sx = strides
-  out_h = (x.shape[1] - kh) // sy + 1
-  out_w = (x.shape[2] - kw) // sx + 1
-  # Accumulate in float32 (at least), as the conv does for bfloat16.
+  b, h, w, c = x.shape
+  out_h, out_w = (h - kh) // sy + 1, (w - kw) // sx + 1
   acc = jnp.promote_types(x.dtype, jnp.float32)
   out = None
   for i in range(kh):
     for j in range(kw):
-      if k[i, j] == 0:
+      tap_weight = weight(i, j)
+      if tap_weight is None:
         continue
-      term = jax.lax.slice(
+      tap = jax.lax.slice(
           x,
           (0, i, j, 0),
-          (
-              x.shape[0],
-              i + sy * (out_h - 1) + 1,
-              j + sx * (out_w - 1) + 1,
-              x.shape[3],
-          ),
+          (b, i + sy * (out_h - 1) + 1, j + sx * (out_w - 1) + 1, c),
           (1, sy, sx, 1),
-      ).astype(acc) * jnp.asarray(k[i, j], acc)
+      )
+      term = tap.astype(acc) * jnp.asarray(tap_weight, acc)
       out = term if out is None else out + term
   if out is None:
-    out = jnp.zeros((x.shape[0], out_h, out_w, x.shape[3]), x.dtype)
+    return jnp.zeros((b, out_h, out_w, c), x.dtype)
   return out.astype(x.dtype)
 
 
 def _filter(x, k, strides, precision):
   """Applies kernel `k` to every channel with the selected method."""
   if filter_method == "slices" and not isinstance(k, jax.core.Tracer):
-    return _shifted_sum(x, np.asarray(k, np.float32), strides)
+    k = np.asarray(k, np.float32)
+    return weighted_window_sum(
+        x,
+        lambda i, j: None if k[i, j] == 0 else k[i, j],
+        k.shape[0],
+        k.shape[1],
+        strides,
+    )
   return _depthwise(x, jnp.asarray(k, x.dtype), strides, precision)
 
 
