@@ -43,11 +43,9 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 
 from synthdistill_jax import distill
+from synthdistill_jax import experiment
 from synthdistill_jax import faces
-from synthdistill_jax import frozen
 from synthdistill_jax import sharding
-from synthdistill_jax import train
-from synthdistill_jax.models import registry
 
 # New attributes are accepted so that kwargs dicts such as generator.random
 # can gain keys from the command line (`--config.generator.random.x=y`).
@@ -288,18 +286,6 @@ def measure_peak(dtype: str, size: int, warmup: int, iters: int) -> dict:
 # ----------------------------------------------------------------------------
 # The stages, built with the trainer's own functions and shardings.
 
-# The paper's generator (stylegan2-ffhq-256x256.pkl) when no checkpoint is
-# read: shapes from docs REFERENCE, values random.
-FFHQ_256 = dict(
-    z_dim=512,
-    w_dim=512,
-    img_resolution=256,
-    mapping_layers=8,
-    channel_base=16384,
-    channel_max=512,
-    num_fp16_res=4,
-    conv_clamp=256,
-)
 STAGE_NAMES = (
     "generate (map+synth)",
     "face crop",
@@ -318,97 +304,7 @@ def read_compute_dtype(config) -> str:
   return next((d for d in ("bfloat16", "float16") if d in dtypes), "float32")
 
 
-def _checkpoint_kwargs(directory: str) -> dict:
-  """Constructor kwargs of a model folder, {} when there is none."""
-  if not os.path.isdir(directory):
-    return {}
-  kwargs = dict(registry.read_config(directory)["kwargs"])
-  kwargs.pop("dtype", None)  # The config's dtype decides.
-  return kwargs
-
-
-def use_random_weights(config, force: bool) -> str:
-  """Swaps missing (or, with `force`, all) checkpoints for random networks.
-
-  The shapes come from the checkpoint's `model.json` when the folder exists,
-  else from the paper's networks (FFHQ-256 generator, `teacher.arch`).
-
-  Args:
-    config: the experiment config (changed in place).
-    force: replace checkpoints that exist too.
-
-  Returns:
-    A label of where the frozen weights come from.
-  """
-  notes = []
-  gen, teacher = config.generator, config.teacher
-  if gen.checkpoint and (force or not os.path.isdir(gen.checkpoint)):
-    kwargs = _checkpoint_kwargs(gen.checkpoint) or dict(FFHQ_256)
-    # The official code runs the top resolutions in fp16 on GPUs: follow
-    # the configured dtype there unless the config says otherwise.
-    kwargs["fp16_dtype"] = gen.dtype
-    kwargs.update(gen.random.to_dict())
-    gen.random, gen.checkpoint = kwargs, ""
-    notes.append(f"generator random {kwargs['img_resolution']}px")
-  elif not gen.checkpoint:
-    notes.append("generator random (config)")
-  if teacher.checkpoint and (force or not os.path.isdir(teacher.checkpoint)):
-    teacher.kwargs = dict(
-        _checkpoint_kwargs(teacher.checkpoint), **teacher.kwargs.to_dict()
-    )
-    teacher.checkpoint = ""
-    notes.append(f"teacher random {teacher.arch}")
-  elif not teacher.checkpoint:
-    notes.append(f"teacher random {teacher.arch} (config)")
-  return ", ".join(notes) if notes else "checkpoints"
-
-
-def prepare_training(config, random_weights: bool) -> dict[str, Any]:
-  """Mesh, frozen networks, spec, state and the jitted iteration.
-
-  The same calls, in the same order, as `train.train_and_evaluate`.
-
-  Args:
-    config: the experiment config.
-    random_weights: force random frozen networks.
-
-  Returns:
-    A dict of everything the stages need.
-  """
-  weights = use_random_weights(config, random_weights)
-  try:
-    mesh = sharding.create_mesh(config.mesh.num_devices)
-  except ValueError as e:
-    raise frozen.ConfigError(str(e)) from None
-  train.check_config(config, mesh.size)
-  if config.sampler.kind == "static":
-    raise frozen.ConfigError(
-        "sampler.kind='static': the benchmark times the generator, use"
-        " 'dynamic' or 'resample'"
-    )
-  generator, teacher, student = train.build_networks(config)
-  tx, schedule = train.create_optimizer(config)
-  spec = train.create_spec(
-      config, mesh, (generator, teacher, student), tx, schedule
-  )
-  gen_vars, teacher_vars, _ = train.place_frozen(
-      config, mesh, spec, generator, teacher
-  )
-  state, state_shardings = train.create_state(mesh, config, student, tx)
-  iterate, _ = train.compile_programs(spec, mesh, state_shardings)
-  return dict(
-      weights=weights,
-      mesh=mesh,
-      spec=spec,
-      gen_vars=gen_vars,
-      teacher_vars=teacher_vars,
-      state=state,
-      state_shardings=state_shardings,
-      iterate=iterate,
-  )
-
-
-def build_stages(ctx: dict[str, Any], key: jax.Array) -> list:
+def build_stages(exp: experiment.Experiment, key: jax.Array) -> list:
   """The stages in order, as `(name, jitted, make_args, images, carry)`.
 
   Each stage runs a trainer function (`distill.*`, `faces.*`, the trainer's
@@ -417,13 +313,13 @@ def build_stages(ctx: dict[str, Any], key: jax.Array) -> list:
   generated images, the teacher cropped faces, and so on.
 
   Args:
-    ctx: from `prepare_training`.
+    exp: from `experiment.create` (the trainer's own setup).
     key: PRNG key of the generated batch.
 
   Returns:
     A list of tuples, see above; `carry` threads the training state.
   """
-  spec, mesh, n = ctx["spec"], ctx["mesh"], ctx["spec"].batch_size
+  spec, mesh, n = exp.spec, exp.mesh, exp.spec.batch_size
   rep, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   gen, crop, teach, upd, it = STAGE_NAMES
 
@@ -440,8 +336,8 @@ def build_stages(ctx: dict[str, Any], key: jax.Array) -> list:
     return distill.train_step(spec, state, x, t, 0)[:2]
 
   embed = functools.partial(distill.embed_teacher, spec)
-  state_sh = ctx["state_shardings"]
-  gv, tv = ctx["gen_vars"], ctx["teacher_vars"]
+  state_sh = exp.state_shardings
+  gv, tv = exp.gen_vars, exp.teacher_vars
   return [
       (gen, jax.jit(generate, out_shardings=batch), lambda o: (gv, key), n),
       (crop, jax.jit(faces.generator_to_faces), lambda o: (o[gen],), n),
@@ -449,13 +345,13 @@ def build_stages(ctx: dict[str, Any], key: jax.Array) -> list:
       (
           upd,
           jax.jit(update, out_shardings=(state_sh, rep), donate_argnums=0),
-          lambda o: (ctx["state"], o[crop], o[teach]),
+          lambda o: (exp.state, o[crop], o[teach]),
           n,
           True,
       ),
       (
           it,
-          ctx["iterate"],
+          exp.iterate,
           lambda o: (o[upd][0], gv, tv, None),
           n * distill.UPDATES_PER_ITERATION,
           True,
@@ -489,17 +385,22 @@ def run_benchmark(
   peak = measure_peak(dtype, peak_size, warmup, max(iters, 3))
   logging.info("peak %s matmul: %.3g FLOP/s", dtype, peak["flops_per_s"])
   start = time.perf_counter()
-  ctx = prepare_training(config, random_weights)
+  if config.sampler.kind == "static":
+    raise experiment.ConfigError(
+        "sampler.kind='static': the benchmark times the generator, use"
+        " 'dynamic' or 'resample'"
+    )
+  exp = experiment.create(config, random_weights=random_weights)
   setup_s = time.perf_counter() - start
   logging.info("networks and state ready in %.1f s", setup_s)
   device = jax.devices()[0]
   datasheet = look_up_datasheet(device.device_kind, dtype)
   # Simulated CPU devices share the host's cores, which the peak matmul
   # already uses in full: on CPU the whole host is one unit of peak.
-  units = 1 if device.platform == "cpu" else ctx["mesh"].size
+  units = 1 if device.platform == "cpu" else exp.mesh.size
   results, outputs = {}, {}
   key = jax.random.PRNGKey(config.seed)
-  for name, jitted, make_args, images, *carry in build_stages(ctx, key):
+  for name, jitted, make_args, images, *carry in build_stages(exp, key):
     stage = Stage(name, jitted, make_args(outputs), images, bool(carry))
     trace_dir = None
     if profile_dir:
@@ -521,10 +422,10 @@ def run_benchmark(
       "config": describe_config(config),
       "compute_dtype": dtype,
       "batch_size": int(config.schedule.batch_size),
-      "weights": ctx["weights"],
+      "weights": exp.weights,
       "backend": jax.default_backend(),
       "device_kind": device.device_kind,
-      "num_devices": ctx["mesh"].size,
+      "num_devices": exp.mesh.size,
       "peak": peak,
       "peak_units": units,
       "datasheet_flops_per_s": datasheet,
@@ -684,7 +585,7 @@ def main(argv: list[str]) -> None:
           )
       )
       print(format_table(results[-1]), flush=True)
-  except (frozen.ConfigError, FileNotFoundError) as e:
+  except (experiment.ConfigError, FileNotFoundError) as e:
     sys.exit(f"benchmark: error: {e}")
   record = {
       "date": datetime.datetime.now()

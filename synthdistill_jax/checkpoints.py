@@ -13,17 +13,19 @@ iteration boundary and returns cleanly.
 """
 
 import os
-import pathlib
-import shutil
 import signal
 import threading
 from typing import Any
 
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from synthdistill_jax import models
+
+# Local paths made absolute, URIs (gs://...) kept.
+resolve_path = models.registry.resolve_path
 
 
 def create_manager(
@@ -44,9 +46,7 @@ def create_manager(
       enable_async_checkpointing=use_async,
       create=True,
   )
-  return ocp.CheckpointManager(
-      pathlib.Path(directory).absolute(), options=options
-  )
+  return ocp.CheckpointManager(resolve_path(directory), options=options)
 
 
 def save(manager: ocp.CheckpointManager, state: Any, *, force=True) -> bool:
@@ -120,7 +120,7 @@ def export_student(
     kwargs: dict,
     variables: Any,
     metadata: dict,
-) -> pathlib.Path:
+) -> epath.Path:
   """Writes the student as a model folder `WORKDIR/student`, replacing it.
 
   The folder is written next to the old one and swapped in by renames, so a
@@ -136,22 +136,23 @@ def export_student(
   Returns:
     The path of `WORKDIR/student`.
   """
-  workdir = pathlib.Path(workdir).absolute()
+  workdir = resolve_path(workdir)
   final = workdir / "student"
   tmp = workdir / f"student.tmp-{metadata.get('step', 0)}"
   old = workdir / "student.old"
   primary = jax.process_index() == 0
   if primary and tmp.exists():
-    shutil.rmtree(tmp)
+    tmp.rmtree()
   multihost_utils.sync_global_devices("export_student:start")
   models.save(tmp, arch, kwargs, variables, metadata)
   multihost_utils.sync_global_devices("export_student:written")
   if primary:
     if old.exists():
-      shutil.rmtree(old)
+      old.rmtree()
     if final.exists():
       final.rename(old)
     tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    if old.exists():
+      old.rmtree()
   multihost_utils.sync_global_devices("export_student:done")
   return final

@@ -90,27 +90,62 @@ def check_model_folder(directory: str, field: str, expect_arch=None) -> dict:
   return config
 
 
-def _load(directory: str, field: str, expect_arch, overrides) -> Network:
+def _load(
+    directory: str, field: str, expect_arch, overrides, abstract: bool
+) -> Network:
   config = check_model_folder(directory, field, expect_arch)
-  module, variables = models.load(directory, **overrides)
   kwargs = dict(config["kwargs"], **overrides)
+  if abstract:
+    # Shapes from `model.json` alone: the weights are never read.
+    module = models.create_model(config["arch"], **kwargs)
+    return Network(module, _abstract_init(module), config["arch"], kwargs)
+  module, variables = models.load(directory, **overrides)
   return Network(module, variables, config["arch"], kwargs)
 
 
-def build_generator(cfg) -> Network:
+def _abstract_init(module) -> Any:
+  """`ShapeDtypeStruct`s of a module's variables (nothing allocated)."""
+  key = jax.random.key(0)
+  if module.__class__.__name__ == "Generator":
+    from synthdistill_jax.models import stylegan2  # pylint: disable=g-import-not-at-top
+
+    return jax.eval_shape(lambda k: stylegan2.init_variables(module, k), key)
+  x = jnp.zeros((2, FACE_SIZE, FACE_SIZE, 3), jnp.float32)
+  return jax.eval_shape(lambda k: module.init(k, x, train=False), key)
+
+
+def _dtype_overrides(cfg, generator: bool = False) -> dict:
+  """Constructor overrides of a network's configured compute dtype."""
+  if not cfg.get("dtype"):
+    return {}
+  if generator:
+    # One setting for every synthesis block: the top `num_fp16_res` ones
+    # (float16 on GPUs in NVIDIA's code) follow it too, whatever a
+    # converted `model.json` or the random kwargs say.
+    return {"dtype": cfg.dtype, "fp16_dtype": cfg.dtype}
+  return {"dtype": cfg.dtype}
+
+
+def build_generator(cfg, abstract: bool = False) -> Network:
   """The frozen generator of `config.generator`.
 
   Args:
     cfg: `config.generator` (`checkpoint`, or `random` kwargs + `init_seed`;
-      `dtype`).
+      `dtype`, the compute dtype of every synthesis block).
+    abstract: variables as `jax.ShapeDtypeStruct`s (nothing is read or
+      allocated), for ahead-of-time compilation.
 
   Returns:
     The generator `Network`.
   """
-  overrides = {"dtype": cfg.dtype} if cfg.get("dtype") else {}
+  overrides = _dtype_overrides(cfg, generator=True)
   if cfg.get("checkpoint"):
     net = _load(
-        cfg.checkpoint, "generator.checkpoint", GENERATOR_ARCH, overrides
+        cfg.checkpoint,
+        "generator.checkpoint",
+        GENERATOR_ARCH,
+        overrides,
+        abstract,
     )
   else:
     from synthdistill_jax.models import stylegan2  # pylint: disable=g-import-not-at-top
@@ -118,12 +153,17 @@ def build_generator(cfg) -> Network:
     kwargs = dict(_kwargs(cfg, "random"), **overrides)
     try:
       module = models.create_model(GENERATOR_ARCH, **kwargs)
-      variables = stylegan2.init_variables(
-          module, jax.random.key(cfg.get("init_seed", 0))
-      )
     except (TypeError, ValueError) as e:
       raise ConfigError(f"generator.random={kwargs}: {e}") from None
-    net = Network(module, jax.device_get(variables), GENERATOR_ARCH, kwargs)
+    if abstract:
+      variables = _abstract_init(module)
+    else:
+      variables = jax.device_get(
+          stylegan2.init_variables(
+              module, jax.random.key(cfg.get("init_seed", 0))
+          )
+      )
+    net = Network(module, variables, GENERATOR_ARCH, kwargs)
   if net.module.c_dim:
     raise ConfigError(
         f"generator: c_dim={net.module.c_dim}; only unconditional generators"
@@ -133,7 +173,9 @@ def build_generator(cfg) -> Network:
   return net
 
 
-def _init_face_network(arch: str, kwargs: dict, seed: int, field: str):
+def _init_face_network(
+    arch: str, kwargs: dict, seed: int, field: str, abstract: bool = False
+):
   if arch not in face_archs():
     raise ConfigError(
         f"{field}.arch={arch!r}: unknown face network; known:"
@@ -141,35 +183,40 @@ def _init_face_network(arch: str, kwargs: dict, seed: int, field: str):
     )
   try:
     module = models.create_model(arch, **kwargs)
-    x = jnp.zeros((2, FACE_SIZE, FACE_SIZE, 3), jnp.float32)
-    variables = jax.jit(lambda k: module.init(k, x, train=False))(
-        jax.random.key(seed)
-    )
   except (TypeError, ValueError) as e:
     raise ConfigError(f"{field}.kwargs={kwargs}: {e}") from None
+  if abstract:
+    return Network(module, _abstract_init(module), arch, kwargs)
+  x = jnp.zeros((2, FACE_SIZE, FACE_SIZE, 3), jnp.float32)
+  variables = jax.jit(lambda k: module.init(k, x, train=False))(
+      jax.random.key(seed)
+  )
   return Network(module, jax.device_get(variables), arch, kwargs)
 
 
-def build_teacher(cfg) -> Network:
+def build_teacher(cfg, abstract: bool = False) -> Network:
   """The frozen teacher of `config.teacher` (calibrated later if random).
 
   Args:
     cfg: `config.teacher` (`checkpoint`, or `arch` + `kwargs` + `init_seed`;
       `dtype`).
+    abstract: variables as `jax.ShapeDtypeStruct`s (see `build_generator`).
 
   Returns:
     The teacher `Network`.
   """
-  overrides = {"dtype": cfg.dtype} if cfg.get("dtype") else {}
+  overrides = _dtype_overrides(cfg)
   if cfg.get("checkpoint"):
-    return _load(cfg.checkpoint, "teacher.checkpoint", "face", overrides)
+    return _load(
+        cfg.checkpoint, "teacher.checkpoint", "face", overrides, abstract
+    )
   kwargs = dict(_kwargs(cfg), **overrides)
   return _init_face_network(
-      cfg.arch, kwargs, cfg.get("init_seed", 1), "teacher"
+      cfg.arch, kwargs, cfg.get("init_seed", 1), "teacher", abstract
   )
 
 
-def build_student(cfg, seed: int) -> Network:
+def build_student(cfg, seed: int, abstract: bool = False) -> Network:
   """The student of `config.student`, randomly initialised or pre-trained.
 
   With `init_checkpoint` (e.g. a converted timm ImageNet TinyNet), every
@@ -179,15 +226,14 @@ def build_student(cfg, seed: int) -> Network:
   Args:
     cfg: `config.student` (`arch`, `kwargs`, `dtype`, `init_checkpoint`).
     seed: initialisation seed.
+    abstract: variables as `jax.ShapeDtypeStruct`s (see `build_generator`).
 
   Returns:
     The student `Network`.
   """
-  kwargs = _kwargs(cfg)
-  if cfg.get("dtype"):
-    kwargs["dtype"] = cfg.dtype
-  net = _init_face_network(cfg.arch, kwargs, seed, "student")
-  if cfg.get("init_checkpoint"):
+  kwargs = dict(_kwargs(cfg), **_dtype_overrides(cfg))
+  net = _init_face_network(cfg.arch, kwargs, seed, "student", abstract)
+  if cfg.get("init_checkpoint") and not abstract:
     check_model_folder(cfg.init_checkpoint, "student.init_checkpoint", "face")
     _, pretrained = models.load(cfg.init_checkpoint)
     net.variables = merge_matching(net.variables, pretrained)
@@ -289,9 +335,10 @@ def create_renderer(spec, mesh, num: int):
 def check_embedding_sizes(teacher: Network, student: Network) -> None:
   """Raises `ConfigError` unless teacher and student embed to the same size."""
   x = jax.ShapeDtypeStruct((1, FACE_SIZE, FACE_SIZE, 3), jnp.float32)
+  # Variables as arguments, so abstract ones (`ShapeDtypeStruct`s) work.
   sizes = [
       jax.eval_shape(
-          lambda x, n=n: n.module.apply(n.variables, x, train=False), x
+          lambda v, x, n=n: n.module.apply(v, x, train=False), n.variables, x
       ).shape[-1]
       for n in (teacher, student)
   ]

@@ -5,38 +5,61 @@ logged step (`{"step": ..., "split": "train"|"val"|..., name: value}`);
 TensorBoard reads `WORKDIR/tb` (`tensorboard --logdir WORKDIR/tb`).
 """
 
+import io
 import json
 import math
 import os
-import pathlib
 from typing import Mapping
 
+from etils import epath
 import jax
 import numpy as np
 from PIL import Image
 
 
 class MetricWriter:
-  """Appends scalars to `metrics.jsonl` and TensorBoard (process 0 only).
+  """Writes scalars to `metrics.jsonl` and TensorBoard (process 0 only).
+
+  The workdir may be local or any `etils.epath` URI (gs://...). Object
+  stores cannot append, so the JSONL records are kept in memory and the
+  file is rewritten whole (a temporary file renamed over it) at each write;
+  a run logs a few thousand lines at most. On a resume at iteration
+  `resume_step`, records of later iterations (written after the checkpoint
+  the run resumes from) are dropped, so no step appears twice, and
+  TensorBoard is told to purge them too.
 
   Args:
     workdir: the training workdir.
     enabled: write at all (default: on process 0).
+    resume_step: the iteration the run (re)starts from.
   """
 
-  def __init__(self, workdir: str | os.PathLike, enabled: bool | None = None):
+  def __init__(
+      self,
+      workdir: str | os.PathLike,
+      enabled: bool | None = None,
+      resume_step: int = 0,
+  ):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self.jsonl_path = pathlib.Path(workdir) / "metrics.jsonl"
-    self.tb_dir = pathlib.Path(workdir) / "tb"
+    self.jsonl_path = epath.Path(workdir) / "metrics.jsonl"
+    self.tb_dir = epath.Path(workdir) / "tb"
     self._tb = None
-    self._file = None
+    self._lines = []
     if self.enabled:
       # tensorboardX is imported lazily: it pulls in protobuf at import time.
       import tensorboardX  # pylint: disable=g-import-not-at-top
 
+      _register_epath_event_writers()
       self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
-      self._file = open(self.jsonl_path, "a", encoding="utf-8")
-      self._tb = tensorboardX.SummaryWriter(str(self.tb_dir))
+      if self.jsonl_path.exists():
+        self._lines = [
+            line
+            for line in self.jsonl_path.read_text().splitlines()
+            if line.strip() and _step_of(line) <= resume_step
+        ]
+      self._tb = tensorboardX.SummaryWriter(
+          os.fspath(self.tb_dir), purge_step=resume_step + 1
+      )
 
   def write(self, step: int, split: str, scalars: Mapping[str, float]):
     """Writes `scalars` of `split` at `step` to both sinks.
@@ -50,18 +73,80 @@ class MetricWriter:
       return
     record = {"step": int(step), "split": split}
     record.update({k: _to_json_float(v) for k, v in scalars.items()})
-    self._file.write(json.dumps(record) + "\n")
-    self._file.flush()
+    self._lines.append(json.dumps(record))
+    write_text_atomic(self.jsonl_path, "\n".join(self._lines) + "\n")
     for name, value in scalars.items():
       self._tb.add_scalar(f"{split}/{name}", float(value), int(step))
     self._tb.flush()
 
   def close(self):
-    """Flushes and closes the files."""
-    if self._file is not None:
-      self._file.close()
+    """Flushes and closes the TensorBoard writer."""
+    if self._tb is not None:
       self._tb.close()
-      self._file = self._tb = None
+      self._tb = None
+
+
+def _step_of(line: str) -> float:
+  """The step of a JSONL record (inf for an unreadable line: dropped)."""
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return math.inf
+
+
+def write_text_atomic(path: epath.Path, text: str) -> None:
+  """Writes `path` through a temporary file renamed over it.
+
+  A reader sees the old or the new file, never half of one (a rename is
+  atomic on local disks; object stores replace the object whole).
+
+  Args:
+    path: the file (local or an `etils.epath` URI).
+    text: its new content.
+  """
+  path = epath.Path(path)
+  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
+class _EpathRecordWriter:
+  """A tensorboardX record writer over `etils.epath` (object stores).
+
+  Object stores have no append: the bytes are kept and the object is
+  rewritten whole at each flush (event files of scalars stay small).
+  """
+
+  def __init__(self, path: str):
+    self._path = epath.Path(path)
+    self._data = bytearray()
+
+  def write(self, data: bytes) -> None:
+    self._data.extend(data)
+
+  def flush(self) -> None:
+    with self._path.open("wb") as f:
+      f.write(bytes(self._data))
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _EpathRecordWriterFactory:
+
+  def directory_check(self, path: str) -> None:
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+  def open(self, path: str) -> _EpathRecordWriter:
+    return _EpathRecordWriter(path)
+
+
+def _register_epath_event_writers() -> None:
+  """Routes tensorboardX's gs:// and s3:// event files through epath."""
+  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+
+  for prefix in ("gs", "s3"):
+    record_writer.register_writer_factory(prefix, _EpathRecordWriterFactory())
 
 
 def _to_json_float(value) -> float | None:
@@ -79,7 +164,7 @@ def read_metrics(path: str | os.PathLike, split: str | None = None) -> list:
   Returns:
     A list of dicts in file order.
   """
-  path = pathlib.Path(path)
+  path = epath.Path(path)
   if path.is_dir():
     path = path / "metrics.jsonl"
   records = [json.loads(line) for line in path.read_text().splitlines()]
@@ -98,7 +183,7 @@ def _resize_nearest(image: np.ndarray, size: int) -> np.ndarray:
 
 def write_face_grid(
     path: str | os.PathLike, generated: np.ndarray, crops: np.ndarray
-) -> pathlib.Path:
+) -> epath.Path:
   """A PNG: each generated image (top row) above its 112x112 crop.
 
   Args:
@@ -120,7 +205,9 @@ def write_face_grid(
     grid[pad : pad + cell, x0 : x0 + cell] = _resize_nearest(generated[i], cell)
     y0 = 2 * pad + cell
     grid[y0 : y0 + cell, x0 : x0 + cell] = _resize_nearest(crops[i], cell)
-  path = pathlib.Path(path)
+  path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  Image.fromarray(grid).save(path)
+  buffer = io.BytesIO()
+  Image.fromarray(grid).save(buffer, format="PNG")
+  path.write_bytes(buffer.getvalue())
   return path

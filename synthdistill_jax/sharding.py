@@ -17,24 +17,31 @@ DATA_AXIS = "data"
 STUDENT_SHARDINGS = ("replicated", "sharded")
 
 
-def create_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
+def create_mesh(
+    num_devices: int | None = None, devices=None
+) -> jax.sharding.Mesh:
   """A 1-D mesh over the first `num_devices` devices (default: all of them).
 
   Args:
     num_devices: how many devices to use; `None` or 0 for all (every host).
+    devices: the devices to choose from (default `jax.devices()`), e.g. a
+      TPU topology's devices for ahead-of-time compilation.
 
   Returns:
     A `Mesh` with the single axis 'data'.
   """
-  devices = jax.devices()
+  devices = list(jax.devices() if devices is None else devices)
   n = num_devices or len(devices)
   if n > len(devices):
-    raise ValueError(f"mesh.num_devices={n} but only {len(devices)} devices")
+    raise ValueError(
+        f"mesh.num_devices={n} but only {len(devices)} devices; set"
+        f" --config.mesh.num_devices to at most {len(devices)} (0 = all)"
+    )
   # Auto axes: the step is written in the global view and XLA partitions it
   # (sharding constraints, not explicit-sharding types).
   auto = (jax.sharding.AxisType.Auto,)
   if n == len(devices):
-    return jax.make_mesh((n,), (DATA_AXIS,), axis_types=auto)
+    return jax.make_mesh((n,), (DATA_AXIS,), axis_types=auto, devices=devices)
   return jax.sharding.Mesh(
       np.asarray(devices[:n]), (DATA_AXIS,), axis_types=auto
   )

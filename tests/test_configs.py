@@ -12,9 +12,9 @@ import pytest
 from configs import demo
 from configs import synthdistill
 from synthdistill_jax import distill
+from synthdistill_jax import experiment
 from synthdistill_jax import frozen
 from synthdistill_jax import models
-from synthdistill_jax import train
 from tests import test_train
 
 # Each student family shrunk to seconds (same code paths, fewer channels).
@@ -46,7 +46,7 @@ def test_presets_cover_students_and_samplers():
 def test_paper_learning_rate_halves_every_ten_epochs():
   config = synthdistill.get_config("tinyfar_a")
   config.schedule.steps_per_epoch = 5
-  _, schedule = train.create_optimizer(config)
+  _, schedule = experiment.create_optimizer(config)
   updates_per_epoch = 5 * distill.UPDATES_PER_ITERATION
   lrs = [float(schedule(e * updates_per_epoch)) for e in (0, 9, 10, 19, 20)]
   np.testing.assert_allclose(lrs, [1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4])
@@ -62,7 +62,7 @@ def test_every_preset_student_takes_a_step(student):
     assert config.student.arch == student
   config.student.kwargs = TINY_STUDENTS[student]
   net = frozen.build_student(config.student, config.seed)
-  tx, schedule = train.create_optimizer(config)
+  tx, schedule = experiment.create_optimizer(config)
   spec = distill.DistillSpec(
       generator=None,
       teacher=None,
@@ -102,8 +102,8 @@ def test_every_preset_student_takes_a_step(student):
 
 
 def _error(config, num_devices=None):
-  with pytest.raises(train.ConfigError) as info:
-    train.check_config(config, num_devices or jax.device_count())
+  with pytest.raises(experiment.ConfigError) as info:
+    experiment.check_config(config, num_devices or jax.device_count())
   message = str(info.value)
   assert "\n" not in message
   return message
@@ -134,7 +134,7 @@ def test_face_network_folder_is_not_a_generator(tmp_path):
   assert "not a StyleGAN2 generator" in _error(config)
   config.generator.checkpoint = ""
   config.teacher.checkpoint = str(tmp_path / "face")
-  train.check_config(config, 1)  # A face network is a valid teacher.
+  experiment.check_config(config, 1)  # A face network is a valid teacher.
 
 
 def test_main_prints_one_line_and_exits_1(tmp_path):

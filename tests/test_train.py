@@ -143,7 +143,7 @@ def test_static_dataset_tool_and_static_sampler(tmp_path):
   from synthdistill_jax.data import static_dataset  # pylint: disable=g-import-not-at-top
 
   # The library function: batches of the config's size, the last one short.
-  examples = list(train.static_examples(tiny_config(), 20, seed=0))
+  examples = list(static_dataset.render_examples(tiny_config(), 20, seed=0))
   assert [len(b["w"]) for b in examples] == [8, 8, 4]
   assert examples[0]["face"].dtype == np.uint8
   # The command-line tool writes the same examples as a TFDS dataset.

@@ -17,8 +17,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from synthdistill_jax import frozen
-from synthdistill_jax import train
+from synthdistill_jax import experiment
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.")
@@ -36,7 +35,9 @@ def main(argv) -> None:
     print("error: --output is required", file=sys.stderr)
     sys.exit(1)
   try:
-    examples = train.static_examples(config, FLAGS.num_examples, FLAGS.seed)
+    examples = static_dataset.render_examples(
+        config, FLAGS.num_examples, FLAGS.seed
+    )
     first = next(examples)
     stream = _chain(first, examples)
     path = static_dataset.write_static_dataset(
@@ -47,7 +48,7 @@ def main(argv) -> None:
         emb_dim=first["teacher"].shape[1],
         metadata={"config": config.name, "seed": FLAGS.seed},
     )
-  except frozen.ConfigError as e:
+  except experiment.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   print(f"wrote {FLAGS.num_examples} examples to {path}")

@@ -246,3 +246,52 @@ class StaticDataset:
           indices[start : start + batch_size].tolist()
       )
       yield {k: np.stack([r[k] for r in records]) for k in FEATURES}
+
+
+def render_examples(config, num_examples: int, seed: int):
+  """Yields `{w, face, teacher}` numpy batches of the config's networks.
+
+  The generator, teacher, mesh and their placement come from
+  `experiment.create`, the trainer's own setup, so the set holds exactly the
+  faces and targets a dynamic run of the same config would see.
+
+  Args:
+    config: an experiment config (generator, teacher, batch size); its
+      sampler is ignored (the faces are rendered, never read).
+    num_examples: total examples; the last batch may be smaller.
+    seed: seed of the latents and pixel noise.
+
+  Yields:
+    Batches: w `[b, w_dim]` float32, face `[b, 112, 112, 3]` uint8, teacher
+    `[b, emb]` float32.
+  """
+  # Imported here: the dataset reader must not pull in the networks.
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from synthdistill_jax import distill  # pylint: disable=g-import-not-at-top
+  from synthdistill_jax import experiment  # pylint: disable=g-import-not-at-top
+  from synthdistill_jax import faces  # pylint: disable=g-import-not-at-top
+
+  config = config.copy_and_resolve_references()
+  config.sampler.kind = "dynamic"
+  exp = experiment.create(config)
+  spec, batch = exp.spec, exp.spec.batch_size
+
+  @jax.jit
+  def make_batch(gen_vars, teacher_vars, key):
+    w = distill.sample_latents(spec, gen_vars, jax.random.fold_in(key, 0))
+    x = distill.render_faces(spec, gen_vars, w, jax.random.fold_in(key, 1))
+    face = faces.quantise_faces(x)
+    t = distill.embed_teacher(
+        spec, teacher_vars, face.astype(jnp.float32) / 255.0
+    )
+    return w, face, t
+
+  root = jax.random.PRNGKey(seed)
+  for i, start in enumerate(range(0, num_examples, batch)):
+    w, face, t = jax.device_get(
+        make_batch(exp.gen_vars, exp.teacher_vars, jax.random.fold_in(root, i))
+    )
+    n = min(batch, num_examples - start)
+    yield {"w": w[:n], "face": face[:n], "teacher": np.asarray(t[:n])}

@@ -16,9 +16,9 @@ optionally `FROZEN_PARAMS`, the parameter paths the reference never trains.
 import importlib
 import json
 import os
-import pathlib
 from typing import Any
 
+from etils import epath
 import flax.linen as nn
 import jax
 import numpy as np
@@ -80,6 +80,12 @@ def frozen_params(arch: str) -> tuple[tuple[str, ...], ...]:
   return tuple(getattr(module, "FROZEN_PARAMS", ()))
 
 
+def resolve_path(path: str | os.PathLike) -> epath.Path:
+  """An `epath.Path`: local paths made absolute, URIs (gs://...) kept."""
+  path = epath.Path(path)
+  return path if "://" in os.fspath(path) else path.absolute()
+
+
 def _to_numpy(tree):
   return jax.tree.map(np.asarray, tree)
 
@@ -90,7 +96,7 @@ def save(
     kwargs: dict[str, Any],
     variables: Any,
     metadata: dict[str, Any] | None = None,
-) -> pathlib.Path:
+) -> epath.Path:
   """Writes a model folder: `model.json` and an orbax checkpoint.
 
   Args:
@@ -103,7 +109,7 @@ def save(
   Returns:
     The absolute path of the folder.
   """
-  directory = pathlib.Path(directory).absolute()
+  directory = resolve_path(directory)
   if (directory / MODEL_JSON).exists():
     raise FileExistsError(f"{directory} already holds a model")
   create_model(arch, **kwargs)  # Fails early on a bad arch or kwargs.
@@ -123,7 +129,7 @@ def save(
 
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
   """Reads and checks `model.json` of a model folder."""
-  path = pathlib.Path(directory) / MODEL_JSON
+  path = epath.Path(directory) / MODEL_JSON
   if not path.is_file():
     raise FileNotFoundError(
         f"{directory}: not a model folder (no {MODEL_JSON}); convert a"
@@ -155,7 +161,7 @@ def load(directory: str | os.PathLike, **overrides: Any):
   config = read_config(directory)
   kwargs = dict(config["kwargs"], **overrides)
   module = create_model(config["arch"], **kwargs)
-  path = pathlib.Path(directory).absolute() / VARIABLES_DIR
+  path = resolve_path(directory) / VARIABLES_DIR
   with ocp.StandardCheckpointer() as ckptr:
     variables = ckptr.restore(path)
   return module, _to_numpy(variables)

@@ -351,7 +351,7 @@ class SynthesisNetwork(nn.Module):
   conv_clamp: float | None = 256
   architecture: str = "skip"
   dtype: str = "float32"
-  fp16_dtype: str = "float32"
+  fp16_dtype: str | None = None
   precision: str | None = None
 
   def _blocks(self) -> list[SynthesisBlock]:
@@ -370,7 +370,9 @@ class SynthesisNetwork(nn.Module):
             is_last=res == self.img_resolution,
             architecture=self.architecture,
             conv_clamp=self.conv_clamp,
-            dtype=self.fp16_dtype if use_fp16 else self.dtype,
+            # The official code runs these blocks in fp16 on GPUs; here
+            # they follow `dtype` unless `fp16_dtype` says otherwise.
+            dtype=(self.fp16_dtype or self.dtype) if use_fp16 else self.dtype,
             precision=self.precision,
             name=f"b{res}",
         )
@@ -412,9 +414,11 @@ class Generator(nn.Module):
     layer_features: mapping hidden size (None = w_dim).
     lr_multiplier: mapping learning-rate multiplier (runtime gain).
     w_avg_beta: decay of the w average during training (kept as metadata).
-    dtype: compute dtype of the other synthesis blocks.
-    fp16_dtype: compute dtype of the top `num_fp16_res` blocks; 'float32'
-      keeps everything in float32 (parity), 'bfloat16'/'float16' for speed.
+    dtype: compute dtype of every synthesis block ('float32' for parity,
+      'bfloat16' on accelerators), the top `num_fp16_res` ones included
+      unless `fp16_dtype` is set.
+    fp16_dtype: compute dtype of the top `num_fp16_res` blocks only; None
+      (default) = `dtype`. NVIDIA's code uses float16 there on GPUs.
     fused_modconv: use grouped convs (True) or the faster batched form.
     precision: `jax.lax.Precision` name for convs/matmuls (None = default;
       'highest' for float32 parity on GPU/TPU).
@@ -436,7 +440,7 @@ class Generator(nn.Module):
   lr_multiplier: float = 0.01
   w_avg_beta: float | None = 0.998
   dtype: str = "float32"
-  fp16_dtype: str = "float32"
+  fp16_dtype: str | None = None
   fused_modconv: bool = False
   precision: str | None = None
 
