@@ -336,6 +336,8 @@ def _loop(run: _Run, state) -> TrainResult:
   window_start, window_steps = None, 0
   with checkpoints.PreemptionFlag() as flag, bar:
     while step < total:
+      if window_start is None:
+        first_call = time.perf_counter()
       batches = next(feed) if feed is not None else None
       state, metrics = exp.iterate(
           state, exp.gen_vars, exp.teacher_vars, batches
@@ -345,6 +347,11 @@ def _loop(run: _Run, state) -> TrainResult:
       if window_start is None:
         jax.block_until_ready(metrics)
         window_start, window_steps = time.perf_counter(), 0
+        # Mostly compilation (or a compilation-cache hit).
+        run.log(
+            f"first iteration (compile + run): {window_start - first_call:.1f}"
+            " s"
+        )
       else:
         window_steps += 1
       epoch_end = step % sched.steps_per_epoch == 0

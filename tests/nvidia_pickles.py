@@ -204,6 +204,7 @@ def write_official_pickle(
     state_attrs=True,
     drop_kwargs=(),
     synthesis_children=None,
+    init_kwargs=None,
 ):
   """Writes a golden case as a complete official training snapshot pickle.
 
@@ -216,6 +217,8 @@ def write_official_pickle(
     drop_kwargs: synthesis/mapping kwargs to leave out of the init kwargs.
     synthesis_children: replace the synthesis network's state dict keys
       (e.g. a StyleGAN3 alias-free layout).
+    init_kwargs: Generator init kwargs to change (e.g. `num_fp16_res`,
+      which changes no stored tensor).
 
   Returns:
     The Generator kwargs written to the file.
@@ -232,7 +235,7 @@ def write_official_pickle(
   resolutions = manifest["config"]["block_resolutions"]
   with fake_nvidia_modules() as fake:
     easy = fake.EasyDict
-    g_kwargs = dict(manifest["config"]["G_init_kwargs"])
+    g_kwargs = dict(manifest["config"]["G_init_kwargs"], **(init_kwargs or {}))
     g_kwargs["mapping_kwargs"] = easy(g_kwargs["mapping_kwargs"])
     if "synthesis_kwargs" in g_kwargs:
       g_kwargs["synthesis_kwargs"] = easy(g_kwargs["synthesis_kwargs"])
