@@ -10,7 +10,8 @@ with `--arch` is converted on the fly (needs the `convert` extra).
   python -m synthdistill_jax.evaluate --model DIR --ijb_meta_dir IJBC/meta \
       --ijb_image_dir IJBC/loose_crop --ijb_name ijbc
 
-Writes `report.md`, `report.json` and `roc_<benchmark>.png`. Every input is
+Writes `report.md`, `report.json`, `roc_<benchmark>.png` and, for IJB, the
+per-pair scores `scores_<benchmark>.npy`. Every input is
 validated before the model is loaded; a bad input prints one line naming the
 file and exits with status 2.
 
@@ -115,6 +116,7 @@ class BenchmarkResult:
     metrics: flat scalar metrics (keys without the benchmark prefix).
     fpr: ROC false-positive rates (for the plot).
     tpr: ROC true-positive rates.
+    scores: per-pair scores in the pair file's order (IJB), else None.
   """
 
   name: str
@@ -123,6 +125,7 @@ class BenchmarkResult:
   metrics: dict[str, float]
   fpr: np.ndarray
   tpr: np.ndarray
+  scores: np.ndarray | None = None
 
 
 def evaluate_bin(
@@ -186,7 +189,8 @@ def evaluate_ijb(
     aligned: images are aligned 112x112 faces already.
 
   Returns:
-    A `BenchmarkResult` with `tar_far_1e-6` ... `tar_far_1e-1` and `auc`.
+    A `BenchmarkResult` with `tar_far_1e-6` ... `tar_far_1e-1`, `auc` and
+    the per-pair scores.
   """
   out = ijb.evaluate(
       meta, image_dir, embed, batch_size=batch_size, aligned=aligned
@@ -194,7 +198,13 @@ def evaluate_ijb(
   metrics = {far_key(f): t for f, t in out["tar_at_far"].items()}
   metrics["auc"] = out["auc"]
   return BenchmarkResult(
-      name, "ijb", len(meta.labels), metrics, out["fpr"], out["tpr"]
+      name,
+      "ijb",
+      len(meta.labels),
+      metrics,
+      out["fpr"],
+      out["tpr"],
+      scores=np.asarray(out["scores"], np.float64),
   )
 
 
@@ -384,6 +394,11 @@ def plot_roc(path: pathlib.Path, result: BenchmarkResult) -> None:
   plt.close(fig)
 
 
+def scores_file_name(name: str) -> str:
+  """File of a benchmark's per-pair scores next to `report.json`."""
+  return f"scores_{name}.npy"
+
+
 def write_report(
     output_dir: str | os.PathLike,
     results: list[BenchmarkResult],
@@ -391,6 +406,11 @@ def write_report(
     extra: dict[str, Any] | None = None,
 ) -> pathlib.Path:
   """Writes `report.md`, `report.json` and `roc_<name>.png` per benchmark.
+
+  Benchmarks with per-pair scores (IJB) also get `scores_<name>.npy`: a
+  float64 [P] array in the pair file's row order (what upstream's
+  `eval_ijbc.py` saves as `<job>/ijbc.npy`), named in `report.json` under
+  `scores_file`.
 
   Args:
     output_dir: folder to write into (created).
@@ -406,9 +426,13 @@ def write_report(
   for r in results:
     plot_roc(out / f"roc_{r.name}.png", r)
   report = dict(extra or {})
-  report["benchmarks"] = {
-      r.name: {"kind": r.kind, "pairs": r.size, **r.metrics} for r in results
-  }
+  report["benchmarks"] = {}
+  for r in results:
+    entry = {"kind": r.kind, "pairs": r.size, **r.metrics}
+    if r.scores is not None:
+      entry["scores_file"] = scores_file_name(r.name)
+      np.save(out / entry["scores_file"], np.asarray(r.scores, np.float64))
+    report["benchmarks"][r.name] = entry
   (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
   (out / "report.md").write_text(format_markdown(results, title))
   return out
