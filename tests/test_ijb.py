@@ -109,6 +109,15 @@ def _warp_agreement(num_images=40, seed=0):
   }
 
 
+def _opencv_major() -> int:
+  cv2 = pytest.importorskip("cv2")
+  return int(cv2.__version__.split(".", 1)[0])
+
+
+def _min_equal_fraction() -> float:
+  return 0.999 if _opencv_major() >= 5 else 0.95
+
+
 def test_warp_identity_is_exact():
   faces, _ = helpers.make_faces(1, seed=5, noise=30)
   identity = np.array([[1.0, 0, 0], [0, 1.0, 0]])
@@ -130,13 +139,15 @@ def test_warp_matches_cv2_near_and_past_the_edge():
   # repeats the edge pixel there (up to 123 levels off); OpenCV 4's
   # 1/32-pixel positions move a 255 step by at most 8 levels.
   assert got["edge_max"] <= 8, got
-  assert got["outside_max"] == 0 and got["equal"] > 0.999, got
+  # OpenCV 5 blends in float like this warp; OpenCV <= 4.12 rounds the
+  # source position to 1/32 pixel first (2.6 % of pixels one level off).
+  assert got["outside_max"] == 0 and got["equal"] > _min_equal_fraction(), got
   assert got["edge_pixels"] > 1000 and got["inner_pixels"] > 100000, got
 
 
 def test_warp_rounds_ties_like_cv2():
   cv2 = pytest.importorskip("cv2")
-  if int(cv2.__version__.split(".", 1)[0]) < 5:
+  if _opencv_major() < 5:
     pytest.skip("OpenCV 4 rounds its fixed-point ties up")
   img = np.random.default_rng(1).integers(0, 256, (120, 120, 3), np.uint8)
   # Half-pixel shifts and a 2x zoom: every blend is an exact tie or none.

@@ -112,6 +112,11 @@ def test_tar_at_every_far_equals_upstream_pipeline(tmp_path):
   assert got == want
   report = json.loads((out / "report.json").read_text())
   scores = np.load(out / report["benchmarks"]["toy"]["scores_file"])
-  np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-4)
+  # PyTorch vs JAX features, upstream's float32 similarity fit and the few
+  # pixels one level apart; OpenCV <= 4.12's 1/32-pixel positions move
+  # about 9 % of these noisy faces' pixels by one level (scores 1e-3).
+  opencv_major = int(cv2.__version__.split(".", 1)[0])
+  atol = 1e-4 if opencv_major >= 5 else 3e-3
+  np.testing.assert_allclose(scores, want_scores, rtol=0, atol=atol)
   # Not trivial: a spread of scores and of TARs.
   assert np.ptp(want_scores) > 0.1 and len(set(want.values())) > 2, want
