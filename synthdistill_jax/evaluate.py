@@ -117,6 +117,7 @@ class BenchmarkResult:
     fpr: ROC false-positive rates (for the plot).
     tpr: ROC true-positive rates.
     scores: per-pair scores in the pair file's order (IJB), else None.
+    details: settings to record in report.json (IJB: warp, aligned).
   """
 
   name: str
@@ -126,6 +127,7 @@ class BenchmarkResult:
   fpr: np.ndarray
   tpr: np.ndarray
   scores: np.ndarray | None = None
+  details: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def evaluate_bin(
@@ -177,6 +179,7 @@ def evaluate_ijb(
     embed: Embedder,
     batch_size: int,
     aligned: bool = False,
+    warp: str = ijb.DEFAULT_WARP,
 ) -> BenchmarkResult:
   """IJB-B/C 1:1 verification (see `synthdistill_jax.ijb`).
 
@@ -187,13 +190,14 @@ def evaluate_ijb(
     embed: from `create_embedder`.
     batch_size: images per batch.
     aligned: images are aligned 112x112 faces already.
+    warp: alignment kernel, 'opencv4' or 'opencv5' (`ijb.warp_affine`).
 
   Returns:
     A `BenchmarkResult` with `tar_far_1e-6` ... `tar_far_1e-1`, `auc` and
     the per-pair scores.
   """
   out = ijb.evaluate(
-      meta, image_dir, embed, batch_size=batch_size, aligned=aligned
+      meta, image_dir, embed, batch_size=batch_size, aligned=aligned, warp=warp
   )
   metrics = {far_key(f): t for f, t in out["tar_at_far"].items()}
   metrics["auc"] = out["auc"]
@@ -205,6 +209,7 @@ def evaluate_ijb(
       out["fpr"],
       out["tpr"],
       scores=np.asarray(out["scores"], np.float64),
+      details={"warp": "none" if aligned else warp, "aligned": aligned},
   )
 
 
@@ -218,6 +223,9 @@ def default_evals_config() -> ml_collections.ConfigDict:
   config.ijb.image_dir = ""  # Folder of the images the meta files name.
   config.ijb.name = ""  # 'ijbb' or 'ijbc' (the meta file prefix).
   config.ijb.aligned = False  # Images are aligned 112x112 faces already.
+  # Alignment kernel: 'opencv4' = cv2.warpAffine of OpenCV <= 4.x, bit for
+  # bit (the published insightface numbers); 'opencv5' = OpenCV 5's float.
+  config.ijb.warp = ijb.DEFAULT_WARP
   return config
 
 
@@ -254,6 +262,12 @@ def read_inputs(evals_config) -> _Inputs:
         f" got {cfg!r}"
     )
   if cfg and cfg.get("meta_dir", "") and cfg.get("name", ""):
+    warp = cfg.get("warp", ijb.DEFAULT_WARP)
+    if warp not in ijb.WARPS:
+      raise ValueError(
+          f"evals.ijb.warp must be one of {', '.join(ijb.WARPS)}, got"
+          f" {warp!r}"
+      )
     meta = ijb.read_meta(cfg.meta_dir, cfg.name)
   return _Inputs(bins, meta)
 
@@ -286,6 +300,7 @@ def evaluate_all(
             embed,
             batch_size,
             bool(cfg.get("aligned", False)),
+            cfg.get("warp", ijb.DEFAULT_WARP),
         )
     )
   return results
@@ -428,7 +443,7 @@ def write_report(
   report = dict(extra or {})
   report["benchmarks"] = {}
   for r in results:
-    entry = {"kind": r.kind, "pairs": r.size, **r.metrics}
+    entry = {"kind": r.kind, "pairs": r.size, **r.metrics, **r.details}
     if r.scores is not None:
       entry["scores_file"] = scores_file_name(r.name)
       np.save(out / entry["scores_file"], np.asarray(r.scores, np.float64))
@@ -458,6 +473,13 @@ def define_flags() -> None:
   flags.DEFINE_string("ijb_image_dir", "", "IJB image folder (loose crops).")
   flags.DEFINE_string("ijb_name", "ijbc", "IJB meta prefix: ijbb or ijbc.")
   flags.DEFINE_bool("ijb_aligned", False, "IJB images are aligned 112x112.")
+  flags.DEFINE_enum(
+      "ijb_warp",
+      ijb.DEFAULT_WARP,
+      list(ijb.WARPS),
+      "IJB alignment: cv2.warpAffine of OpenCV 4 (bit for bit, as the"
+      " published numbers) or OpenCV 5 (float kernel).",
+  )
   flags.DEFINE_integer("batch_size", 64, "Images per device call.")
   flags.DEFINE_string("output", None, "Report folder (default MODEL/eval).")
 
@@ -497,6 +519,7 @@ def _evals_config_from_flags() -> ml_collections.ConfigDict:
   config.ijb.image_dir = FLAGS.ijb_image_dir
   config.ijb.name = FLAGS.ijb_name if FLAGS.ijb_meta_dir else ""
   config.ijb.aligned = FLAGS.ijb_aligned
+  config.ijb.warp = FLAGS.ijb_warp
   return config
 
 

@@ -5,8 +5,9 @@ upstream's `eval_ijbc.py` would load) and converted to Flax with
 `convert.face`; test-written IJB meta files and JPEG loose crops, many of
 them cut by the crop's edge, go through `tests/insightface_ijb.py` (the
 upstream pipeline re-stated: cv2 alignment, PyTorch features, its pooling,
-scoring and TAR table) and through `evaluate.run_evaluators`. Every TAR
-must be equal and the saved per-pair scores close.
+scoring and TAR table) and through `evaluate.run_evaluators` with the
+alignment kernel of the installed OpenCV. Every TAR must be equal and the
+saved per-pair scores close.
 """
 
 import json
@@ -106,17 +107,18 @@ def test_tar_at_every_far_equals_upstream_pipeline(tmp_path):
   config.ijb.meta_dir = str(meta_dir)
   config.ijb.image_dir = str(image_dir)
   config.ijb.name = "toy"
+  # The kernel of the OpenCV the upstream side runs with.
+  opencv_major = int(cv2.__version__.split(".", 1)[0])
+  config.ijb.warp = "opencv5" if opencv_major >= 5 else "opencv4"
   out = tmp_path / "eval"
   metrics = evaluate.run_evaluators(config, module, variables, output_dir=out)
   got = {f: metrics[f"toy/{evaluate.far_key(f)}"] for f in want}
   assert got == want
   report = json.loads((out / "report.json").read_text())
   scores = np.load(out / report["benchmarks"]["toy"]["scores_file"])
-  # PyTorch vs JAX features, upstream's float32 similarity fit and the few
-  # pixels one level apart; OpenCV <= 4.12's 1/32-pixel positions move
-  # about 9 % of these noisy faces' pixels by one level (scores 1e-3).
-  opencv_major = int(cv2.__version__.split(".", 1)[0])
-  atol = 1e-4 if opencv_major >= 5 else 3e-3
-  np.testing.assert_allclose(scores, want_scores, rtol=0, atol=atol)
+  assert report["benchmarks"]["toy"]["warp"] == config.ijb.warp
+  # PyTorch vs JAX features, upstream's float32 similarity fit and (with
+  # OpenCV 5, float32 positions) a few pixels one level apart.
+  np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-4)
   # Not trivial: a spread of scores and of TARs.
   assert np.ptp(want_scores) > 0.1 and len(set(want.values())) > 2, want
