@@ -255,7 +255,8 @@ def _blend_opencv4(image, inverse, size):
 
 def _blend_opencv5(image, inverse, size):
   # OpenCV 5: float bilinear weights, rounded to the nearest level (ties
-  # to even). OpenCV computes in float32; float64 here (see `warp_affine`).
+  # to even). Float64 here; OpenCV 5.0's own arithmetic puts 0.001 % of
+  # pixels one level apart (see `warp_affine`).
   grid = np.arange(size, dtype=np.float64)
   xs, ys = grid[None, :], grid[:, None]
   src_x = inverse[0, 0] * xs + inverse[0, 1] * ys + inverse[0, 2]
@@ -291,8 +292,8 @@ def warp_affine(
 
   * `'opencv4'` (default): OpenCV 2.x-4.x's fixed-point kernel (source
     positions rounded to 1/32 pixel, 15-bit integer weights, ties rounded
-    up), the one every published insightface IJB number was computed with.
-    Bit-identical to `cv2.warpAffine` of OpenCV 4.10, 4.12 and 4.14.
+    up): every OpenCV release before 5.0, hence the published insightface
+    IJB numbers. Bit-identical to `cv2.warpAffine` of OpenCV 4.10, 4.12 and 4.14.
   * `'opencv5'`: OpenCV 5's float kernel, in float64 (ties to even); equal
     to OpenCV 5.0 on 99.999 % of pixels, never more than one level apart.
 
