@@ -10,7 +10,8 @@ with `--arch` is converted on the fly (needs the `convert` extra).
   python -m synthdistill_jax.evaluate --model DIR --ijb_meta_dir IJBC/meta \
       --ijb_image_dir IJBC/loose_crop --ijb_name ijbc
 
-Writes `report.md`, `report.json` and `roc_<benchmark>.png`. Every input is
+Writes `report.md`, `report.json`, `roc_<benchmark>.png` and, for IJB, the
+per-pair scores `scores_<benchmark>.npy`. Every input is
 validated before the model is loaded; a bad input prints one line naming the
 file and exits with status 2.
 
@@ -115,6 +116,8 @@ class BenchmarkResult:
     metrics: flat scalar metrics (keys without the benchmark prefix).
     fpr: ROC false-positive rates (for the plot).
     tpr: ROC true-positive rates.
+    scores: per-pair scores in the pair file's order (IJB), else None.
+    details: settings to record in report.json (IJB: warp, aligned).
   """
 
   name: str
@@ -123,6 +126,8 @@ class BenchmarkResult:
   metrics: dict[str, float]
   fpr: np.ndarray
   tpr: np.ndarray
+  scores: np.ndarray | None = None
+  details: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def evaluate_bin(
@@ -174,6 +179,7 @@ def evaluate_ijb(
     embed: Embedder,
     batch_size: int,
     aligned: bool = False,
+    warp: str = ijb.DEFAULT_WARP,
 ) -> BenchmarkResult:
   """IJB-B/C 1:1 verification (see `synthdistill_jax.ijb`).
 
@@ -184,17 +190,26 @@ def evaluate_ijb(
     embed: from `create_embedder`.
     batch_size: images per batch.
     aligned: images are aligned 112x112 faces already.
+    warp: alignment kernel, 'opencv4' or 'opencv5' (`ijb.warp_affine`).
 
   Returns:
-    A `BenchmarkResult` with `tar_far_1e-6` ... `tar_far_1e-1` and `auc`.
+    A `BenchmarkResult` with `tar_far_1e-6` ... `tar_far_1e-1`, `auc` and
+    the per-pair scores.
   """
   out = ijb.evaluate(
-      meta, image_dir, embed, batch_size=batch_size, aligned=aligned
+      meta, image_dir, embed, batch_size=batch_size, aligned=aligned, warp=warp
   )
   metrics = {far_key(f): t for f, t in out["tar_at_far"].items()}
   metrics["auc"] = out["auc"]
   return BenchmarkResult(
-      name, "ijb", len(meta.labels), metrics, out["fpr"], out["tpr"]
+      name,
+      "ijb",
+      len(meta.labels),
+      metrics,
+      out["fpr"],
+      out["tpr"],
+      scores=np.asarray(out["scores"], np.float64),
+      details={"warp": "none" if aligned else warp, "aligned": aligned},
   )
 
 
@@ -208,6 +223,9 @@ def default_evals_config() -> ml_collections.ConfigDict:
   config.ijb.image_dir = ""  # Folder of the images the meta files name.
   config.ijb.name = ""  # 'ijbb' or 'ijbc' (the meta file prefix).
   config.ijb.aligned = False  # Images are aligned 112x112 faces already.
+  # Alignment kernel: 'opencv4' = cv2.warpAffine of OpenCV <= 4.x, bit for
+  # bit (the published insightface numbers); 'opencv5' = OpenCV 5's float.
+  config.ijb.warp = ijb.DEFAULT_WARP
   return config
 
 
@@ -244,6 +262,12 @@ def read_inputs(evals_config) -> _Inputs:
         f" got {cfg!r}"
     )
   if cfg and cfg.get("meta_dir", "") and cfg.get("name", ""):
+    warp = cfg.get("warp", ijb.DEFAULT_WARP)
+    if warp not in ijb.WARPS:
+      raise ValueError(
+          f"evals.ijb.warp must be one of {', '.join(ijb.WARPS)}, got"
+          f" {warp!r}"
+      )
     meta = ijb.read_meta(cfg.meta_dir, cfg.name)
   return _Inputs(bins, meta)
 
@@ -276,6 +300,7 @@ def evaluate_all(
             embed,
             batch_size,
             bool(cfg.get("aligned", False)),
+            cfg.get("warp", ijb.DEFAULT_WARP),
         )
     )
   return results
@@ -384,6 +409,11 @@ def plot_roc(path: pathlib.Path, result: BenchmarkResult) -> None:
   plt.close(fig)
 
 
+def scores_file_name(name: str) -> str:
+  """File of a benchmark's per-pair scores next to `report.json`."""
+  return f"scores_{name}.npy"
+
+
 def write_report(
     output_dir: str | os.PathLike,
     results: list[BenchmarkResult],
@@ -391,6 +421,11 @@ def write_report(
     extra: dict[str, Any] | None = None,
 ) -> pathlib.Path:
   """Writes `report.md`, `report.json` and `roc_<name>.png` per benchmark.
+
+  Benchmarks with per-pair scores (IJB) also get `scores_<name>.npy`: a
+  float64 [P] array in the pair file's row order (what upstream's
+  `eval_ijbc.py` saves as `<job>/ijbc.npy`), named in `report.json` under
+  `scores_file`.
 
   Args:
     output_dir: folder to write into (created).
@@ -406,9 +441,13 @@ def write_report(
   for r in results:
     plot_roc(out / f"roc_{r.name}.png", r)
   report = dict(extra or {})
-  report["benchmarks"] = {
-      r.name: {"kind": r.kind, "pairs": r.size, **r.metrics} for r in results
-  }
+  report["benchmarks"] = {}
+  for r in results:
+    entry = {"kind": r.kind, "pairs": r.size, **r.metrics, **r.details}
+    if r.scores is not None:
+      entry["scores_file"] = scores_file_name(r.name)
+      np.save(out / entry["scores_file"], np.asarray(r.scores, np.float64))
+    report["benchmarks"][r.name] = entry
   (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
   (out / "report.md").write_text(format_markdown(results, title))
   return out
@@ -434,6 +473,13 @@ def define_flags() -> None:
   flags.DEFINE_string("ijb_image_dir", "", "IJB image folder (loose crops).")
   flags.DEFINE_string("ijb_name", "ijbc", "IJB meta prefix: ijbb or ijbc.")
   flags.DEFINE_bool("ijb_aligned", False, "IJB images are aligned 112x112.")
+  flags.DEFINE_enum(
+      "ijb_warp",
+      ijb.DEFAULT_WARP,
+      list(ijb.WARPS),
+      "IJB alignment: cv2.warpAffine of OpenCV 4 (bit for bit, as the"
+      " published numbers) or OpenCV 5 (float kernel).",
+  )
   flags.DEFINE_integer("batch_size", 64, "Images per device call.")
   flags.DEFINE_string("output", None, "Report folder (default MODEL/eval).")
 
@@ -473,6 +519,7 @@ def _evals_config_from_flags() -> ml_collections.ConfigDict:
   config.ijb.image_dir = FLAGS.ijb_image_dir
   config.ijb.name = FLAGS.ijb_name if FLAGS.ijb_meta_dir else ""
   config.ijb.aligned = FLAGS.ijb_aligned
+  config.ijb.warp = FLAGS.ijb_warp
   return config
 
 

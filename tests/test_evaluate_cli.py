@@ -174,6 +174,10 @@ def test_config_variants_and_pth_models(tmp_path):
   config = ml_collections.ConfigDict({"bins": [], "ijb": "ijbc"})
   with pytest.raises(ValueError, match="evals.ijb must be a ConfigDict"):
     evaluate.read_inputs(config)
+  config = evaluate.default_evals_config()
+  config.ijb.update(meta_dir=str(tmp_path), name="ijbc", warp="pil")
+  with pytest.raises(ValueError, match="evals.ijb.warp must be one of"):
+    evaluate.read_inputs(config)
   # A PyTorch checkpoint given to --model is converted on the fly.
   torch = pytest.importorskip("torch")
   from tests import golden  # pylint: disable=g-import-not-at-top
