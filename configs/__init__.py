@@ -84,5 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 100  # Metric fetch (and NaN check) interval.
   config.face_grid_size = 8  # Faces in WORKDIR/faces.png (0 = none).
   config.progress_bar = True  # tqdm bar with ETA and images/s.
+  # JAX's persistent compilation cache: 'auto' = $JAX_COMPILATION_CACHE_DIR
+  # if set, else WORKDIR/compile_cache (works for gs:// workdirs, so a
+  # restarted or preempted run skips compiling); '' = off; or a directory.
+  config.compilation_cache_dir = "auto"
   config.evals = _evals_config()  # Benchmarks run after every epoch.
   return config
