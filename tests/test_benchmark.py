@@ -35,6 +35,7 @@ def test_look_up_datasheet_matches_device_kinds():
   assert benchmark.look_up_datasheet("cpu", "float32") is None
 
 
+@pytest.mark.devices(8)
 def test_read_flops_counts_a_matmul_over_all_devices():
   a = jnp.ones((64, 32), jnp.float32)
   b = jnp.ones((32, 16), jnp.float32)

@@ -1,6 +1,5 @@
 """The same seed gives the same training on 1 and on 8 (simulated) devices."""
 
-import jax
 import numpy as np
 import pytest
 
@@ -9,10 +8,9 @@ from synthdistill_jax import train
 from tests import test_train
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("student_sharding", ["replicated", "sharded"])
 def test_one_and_eight_devices_agree(tmp_path, student_sharding):
-  if jax.device_count() < 8:
-    pytest.skip("needs 8 devices (tests/conftest.py simulates them)")
   runs = {}
   for n in (1, 8):
     config = test_train.tiny_config(

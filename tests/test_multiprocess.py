@@ -23,9 +23,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.devices(2)  # The single-process reference runs on 2.
 def test_two_processes_match_one_process(tmp_path):
-  if jax.device_count() < 2:
-    pytest.skip("needs 2 devices for the single-process reference")
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   env["JAX_PLATFORMS"] = "cpu"
