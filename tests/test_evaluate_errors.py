@@ -154,6 +154,11 @@ CASES = [
         "absent.bin: cannot read",
     ),
     (
+        "bin_one_fold_kind",
+        ["--model={root}/model", "--bins={root}/few.bin"],
+        "cannot be scored in 10 folds",
+    ),
+    (
         "bin_float_labels",
         ["--model={root}/model", "--bins={root}/floats.bin"],
         "refused numpy.dtype('f8')",
