@@ -33,7 +33,7 @@ import json
 import os
 import pathlib
 import sys
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 from absl import app
 from absl import flags
