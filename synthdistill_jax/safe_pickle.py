@@ -4,7 +4,8 @@
 run arbitrary code. `load` instead resolves every global through an explicit
 allow-list that maps `(module, name)` to a callable of ours; any other global
 is refused with `UnsafePickleError` before anything is called. With an empty
-allow-list only plain containers, numbers, strings and bytes can be read.
+allow-list only plain containers, numbers, strings and bytes can be read;
+`NUMPY_BOOL` adds numpy boolean scalars (`numpy.bool_`), and only those.
 """
 
 import io
@@ -30,6 +31,58 @@ def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
 
 # Globals that only rebuild plain data and are always allowed.
 _ALWAYS_ALLOWED = {("_codecs", "encode"): _latin1_bytes}
+
+# The pickle state of numpy's boolean dtype, `np.dtype(bool).__reduce__()[2]`
+# (byte order '|' arrives as bytes from files written by Python 2).
+_BOOL_DTYPE_STATE = (3, "|", None, None, None, -1, -1, 0)
+
+
+def _text(value):
+  return value.decode("latin1") if isinstance(value, bytes) else value
+
+
+class _BoolDtype:
+  """Stands in for `numpy.dtype('b1')` while unpickling; nothing else.
+
+  A stand-in rather than the real dtype: pickle calls `__setstate__` on what
+  `numpy.dtype(...)` returns, which must not touch numpy's shared dtype.
+  """
+
+  def __setstate__(self, state):
+    state = tuple(_text(v) for v in state) if isinstance(state, tuple) else ()
+    if state != _BOOL_DTYPE_STATE:
+      raise UnsafePickleError(f"refused numpy bool dtype state {state!r}")
+
+
+def _numpy_dtype(name, align=False, copy=True):
+  """Stands in for `numpy.dtype(name, align, copy)`: only 'b1' (bool)."""
+  del align, copy  # Always (False, True) for a scalar's dtype.
+  if _text(name) != "b1":
+    raise UnsafePickleError(
+        f"refused numpy.dtype({_text(name)!r}) (only numpy booleans are"
+        " allowed)"
+    )
+  return _BoolDtype()
+
+
+def _numpy_bool_scalar(dtype, data=None) -> bool:
+  """Stands in for numpy's `multiarray.scalar(dtype, data)`: a bool only."""
+  if not isinstance(dtype, _BoolDtype):
+    raise UnsafePickleError("refused numpy scalar of a non-boolean dtype")
+  data = data.encode("latin1") if isinstance(data, str) else data
+  if data not in (b"\x00", b"\x01"):
+    raise UnsafePickleError(f"refused numpy bool scalar data {data!r}")
+  return data == b"\x01"
+
+
+# What `pickle.dumps(numpy.bool_(x))` references (numpy 1.x spells the
+# module `numpy.core.multiarray`, numpy 2.x `numpy._core.multiarray`): each
+# mapped to a stand-in that accepts a boolean and refuses anything else.
+NUMPY_BOOL = {
+    ("numpy.core.multiarray", "scalar"): _numpy_bool_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_bool_scalar,
+    ("numpy", "dtype"): _numpy_dtype,
+}
 
 
 class _Unpickler(pickle.Unpickler):
@@ -93,8 +146,11 @@ def load(
   unpickler = _Unpickler(file, allowed or {}, persistent_load, encoding, source)
   try:
     return unpickler.load()
-  except UnsafePickleError:
-    raise
+  except UnsafePickleError as e:
+    if str(e).startswith(source):
+      raise
+    # Raised by a stand-in, which does not know the file's name.
+    raise UnsafePickleError(f"{source}: {e}") from None
   except (EOFError, pickle.UnpicklingError, ValueError, TypeError) as e:
     raise UnsafePickleError(
         f"{source}: not a readable pickle ({type(e).__name__}: {e})"

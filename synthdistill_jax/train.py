@@ -170,6 +170,7 @@ class _Run:
     manager: the orbax `CheckpointManager`.
     writer: the `metrics_io.MetricWriter`.
     log: prints a line above the progress bar (primary process only).
+    evaluator: `evaluate.TrainingEvaluator` of `config.evals` (built once).
   """
 
   exp: experiment.Experiment
@@ -177,6 +178,7 @@ class _Run:
   manager: Any
   writer: metrics_io.MetricWriter
   log: Callable[[str], None]
+  evaluator: Any = None
 
   @property
   def config(self):
@@ -190,13 +192,11 @@ def _epoch_end(run: _Run, state, step: int, epoch: int) -> dict:
   if val:
     run.writer.write(step, "val", val)
     run.log(f"epoch {epoch}/{config.schedule.epochs}: held-out {_format(val)}")
-  if config.evals.get("bins") and step:
-    from synthdistill_jax import evaluate  # pylint: disable=g-import-not-at-top
-
-    host = sharding.to_host(
+  if run.evaluator is not None and run.evaluator.enabled and step:
+    # Every process takes part (sharded embedding); all get the numbers.
+    results = run.evaluator(
         {"params": state.params, "batch_stats": state.batch_stats}
     )
-    results = evaluate.run_evaluators(config.evals, exp.student.module, host)
     run.writer.write(step, "evals", results)
     run.log(f"epoch {epoch}: {_format(results)}")
   return dict(val, step=step)
@@ -263,9 +263,22 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
   primary = jax.process_index() == 0
   log = tqdm.tqdm.write if primary else (lambda _: None)
   enable_compilation_cache(config, workdir)
+  # The evaluation module pulls in image and plotting libraries: only when
+  # benchmarks are configured. Paths are checked before anything is built.
+  evals = config.evals
+  evaluate = None
+  if evals.get("bins") or evals.get("ijb", {}).get("meta_dir"):
+    from synthdistill_jax import evaluate  # pylint: disable=g-import-not-at-top
+
+    evaluate.check_evals_config(evals)
   # --- Mesh, frozen networks, student state and the jitted programs.
   exp = experiment.create(config)
   log(f"mesh: {exp.mesh.size} devices on {jax.process_count()} process(es)")
+  evaluator = None
+  if evaluate is not None:
+    evaluator = evaluate.create_training_evaluator(
+        evals, exp.student.module, exp.mesh
+    )
   # --- Restored if the workdir has a checkpoint.
   manager = checkpoints.create_manager(
       workdir / "checkpoints",
@@ -292,7 +305,14 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
     img, crops = exp.render(exp.gen_vars, jax.random.PRNGKey(config.seed))
     if primary:
       metrics_io.write_face_grid(grid_path, img[:n], crops[:n])
-  run = _Run(exp=exp, workdir=workdir, manager=manager, writer=writer, log=log)
+  run = _Run(
+      exp=exp,
+      workdir=workdir,
+      manager=manager,
+      writer=writer,
+      log=log,
+      evaluator=evaluator,
+  )
   try:
     result = _loop(run, state)
   finally:

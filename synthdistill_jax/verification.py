@@ -229,6 +229,26 @@ def calculate_val(dist, issame, far_target=FAR_TARGET, num_folds=NUM_FOLDS):
   return float(np.mean(val)), float(np.std(val)), float(np.mean(far))
 
 
+def check_folds(issame: np.ndarray, num_folds: int = NUM_FOLDS) -> None:
+  """Checks that the labels can be scored: every fold has both kinds.
+
+  Args:
+    issame: [N] bool labels.
+    num_folds: number of folds.
+
+  Raises:
+    ValueError: fewer pairs than folds, or a fold of one kind only (upstream
+      would divide by zero in `calculate_val_far`).
+  """
+  issame = np.asarray(issame, bool)
+  for f, idx in enumerate(split_folds(len(issame), num_folds)):
+    if issame[idx].all() or not issame[idx].any():
+      raise ValueError(
+          f"fold {f} (pairs {idx[0]}..{idx[-1]}) needs both same and"
+          " different pairs"
+      )
+
+
 def evaluate(
     embeddings: np.ndarray, issame: np.ndarray, num_folds: int = NUM_FOLDS
 ) -> VerificationResult:
@@ -248,13 +268,7 @@ def evaluate(
         f"{len(embeddings)} embeddings for {len(issame)} pairs (need 2 per"
         " pair)"
     )
-  for f, idx in enumerate(split_folds(len(issame), num_folds)):
-    if issame[idx].all() or not issame[idx].any():
-      # Upstream would divide by zero in `calculate_val_far`.
-      raise ValueError(
-          f"fold {f} (pairs {idx[0]}..{idx[-1]}) needs both same and"
-          " different pairs"
-      )
+  check_folds(issame, num_folds)
   dist = pair_distances(embeddings)
   tpr, fpr, accuracy, best = calculate_roc(dist, issame, num_folds)
   val, val_std, far = calculate_val(dist, issame, FAR_TARGET, num_folds)

@@ -69,6 +69,25 @@ def test_reads_python2_layout(tmp_path):
   np.testing.assert_array_equal(batch[2], pil)
 
 
+@pytest.mark.parametrize("protocol", [0, 2, 4, "numpy1"])
+def test_numpy_bool_labels_are_accepted(tmp_path, protocol):
+  faces = _faces(4, 3)
+  encoded = [verification_bin.encode_image(f) for f in faces]
+  labels = [np.bool_(True), np.bool_(False)]
+  if protocol == "numpy1":  # numpy < 2 names its module numpy.core.
+    data = pickle.dumps((encoded, labels), protocol=2)
+    assert b"numpy._core.multiarray\nscalar" in data
+    data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+  else:
+    data = pickle.dumps((encoded, labels), protocol=protocol)
+  path = tmp_path / "np.bin"
+  path.write_bytes(data)
+  vbin = verification_bin.read_bin(path)
+  assert vbin.issame.dtype == bool
+  np.testing.assert_array_equal(vbin.issame, [True, False])
+  assert np.dtype(bool) == np.dtype("b1")  # numpy's own dtype untouched.
+
+
 class _Evil:
 
   def __init__(self, marker):
@@ -90,6 +109,27 @@ def _hostile_cases(tmp_path):
           "refused global",
       ),
       "int_labels": (pickle.dumps((good, [1, 0])), r"issame\[0\] is int"),
+      # numpy booleans pass the allow-list; no other numpy scalar does.
+      "numpy_float_labels": (
+          pickle.dumps((good, [np.float64(1.0), True]), protocol=2),
+          r"refused numpy.dtype\('f8'\)",
+      ),
+      "numpy_int_labels": (
+          pickle.dumps((good, [np.bool_(True), np.int8(0)]), protocol=4),
+          r"refused numpy.dtype\('i1'\)",
+      ),
+      "numpy_bool_bad_data": (
+          pickle.dumps((good, [np.bool_(True), True]), protocol=4).replace(
+              b"C\x01\x01", b"C\x01\x07"
+          ),
+          "refused numpy bool scalar data",
+      ),
+      "numpy_bool_bad_state": (
+          pickle.dumps((good, [np.bool_(True), True]), protocol=4).replace(
+              b"\x8c\x01|", b"\x8c\x01<"
+          ),
+          "refused numpy bool dtype state",
+      ),
       "str_images": (
           pickle.dumps((["a", "b", "c", "d"], [True, False])),
           r"images\[0\] is str",
@@ -122,6 +162,10 @@ def _hostile_cases(tmp_path):
         "code",
         "numpy_bools",
         "int_labels",
+        "numpy_float_labels",
+        "numpy_int_labels",
+        "numpy_bool_bad_data",
+        "numpy_bool_bad_state",
         "str_images",
         "dict",
         "odd_count",

@@ -214,3 +214,48 @@ def test_tool_errors_are_one_line_on_stderr(tmp_path, r18_pth):
   assert lines == [lines[-1]] and "resnet18" in lines[-1], result.stderr
   assert "Traceback" not in result.stderr
   assert not (tmp_path / "out").exists()
+
+
+def test_nonfinite_weight_is_refused_unless_allowed(tmp_path, capsys):
+  def edit(sd):
+    sd["layer1.0.conv1.weight"][0, 0, 0, 0] = np.nan
+    sd["fc.bias"][3] = np.inf
+
+  path = _edited(tmp_path, edit)
+  with pytest.raises(ValueError) as e:
+    face.load_face_model(path, "iresnet18")
+  _one_line_error(
+      e, path, "tensor layer1.0.conv1.weight has 1 non-finite", "NaN/Inf"
+  )
+  tool = _load_tool()
+  argv = ["--arch", "iresnet18", "--input", path, "--output"]
+  assert tool.main(argv + [str(tmp_path / "refused")]) == 1
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "--allow_nonfinite" in err, err
+  assert not (tmp_path / "refused").exists()
+  # The explicit flag converts it, and model.json records the choice so
+  # that models.load reads the NaN back rather than refusing it.
+  out = tmp_path / "allowed"
+  assert tool.main(argv + [str(out), "--allow_nonfinite"]) == 0
+  config = json.loads((out / "model.json").read_text())
+  assert config["metadata"]["allow_nonfinite"] is True
+  _, variables = models.load(out)
+  kernel = variables["params"]["layer1_0"]["conv1"]["kernel"]
+  assert np.isnan(kernel[0, 0, 0, 0])
+  assert np.isinf(variables["params"]["fc"]["bias"][3])
+  with pytest.raises(ValueError, match="params/fc/bias has 1 non-finite"):
+    models.load(out, allow_nonfinite=False)
+
+
+@pytest.mark.parametrize("arch", ["iresnet18", "tinyfar_c"])
+def test_integer_weight_is_refused_not_cast(tmp_path, arch):
+  state_dict = golden.state_dict(arch)
+  key = next(k for k in state_dict if k.endswith("bn1.running_var"))
+  state_dict[key] = np.round(state_dict[key] * 10).astype(np.int64)
+  # The integer BN counters are legitimate and skipped, not refused.
+  for k in [k for k in state_dict if k.endswith("num_batches_tracked")][:2]:
+    state_dict[k] = np.array(7, np.int64)
+  path = _save(tmp_path / "int.pth", state_dict)
+  with pytest.raises(ValueError) as e:
+    face.load_face_model(path, arch)
+  _one_line_error(e, path, f"tensor {key} has dtype int64", "rather than cast")

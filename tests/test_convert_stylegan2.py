@@ -1,5 +1,6 @@
 """Safe conversion of NVIDIA StyleGAN2 pickles and state dicts (+ the tool)."""
 
+import json
 import os
 import pathlib
 import pickle
@@ -185,7 +186,9 @@ def test_state_dict_with_config(nested, tmp_path):
         ("missing", "missing key synthesis.b16.conv0.weight"),
         ("misshapen", "synthesis.b16.conv0.weight has shape [128, 128, 3, 1]"),
         ("unexpected", "unexpected key synthesis.b16.extra"),
-        ("truncated", "not a readable PyTorch state dict"),
+        ("truncated", "not a readable PyTorch checkpoint"),
+        ("nan", "tensor synthesis.b16.conv0.weight has 1 non-finite value"),
+        ("int64", "tensor mapping.w_avg has dtype int64, expected a float"),
     ],
 )
 def test_bad_state_dicts_give_one_line(edit, message, tmp_path):
@@ -198,6 +201,10 @@ def test_bad_state_dicts_give_one_line(edit, message, tmp_path):
     sd[key] = sd[key][..., :1]
   elif edit == "unexpected":
     sd["synthesis.b16.extra"] = torch.zeros(2)
+  elif edit == "nan":
+    sd[key][0, 0, 0, 0] = float("nan")
+  elif edit == "int64":
+    sd["mapping.w_avg"] = sd["mapping.w_avg"].round().long()
   path = _save_state_dict(tmp_path / "g.pt", sd)
   if edit == "truncated":
     path.write_bytes(path.read_bytes()[:5000])
@@ -206,6 +213,66 @@ def test_bad_state_dicts_give_one_line(edit, message, tmp_path):
     convert.load_stylegan2(path, config=config)
   assert message in str(e.value) and str(path) in str(e.value)
   assert "\n" not in str(e.value)
+
+
+def _run_tool(*args):
+  return subprocess.run(
+      [sys.executable, str(TOOL), *map(str, args)],
+      capture_output=True,
+      text=True,
+      check=False,
+      env=dict(os.environ, PYTHONPATH=str(ROOT)),
+  )
+
+
+def test_tool_state_dict_errors_are_one_line_without_unsafe_advice(tmp_path):
+  case = CASES[0]
+  config = tmp_path / "g.json"
+  config.write_text(
+      json.dumps(golden.load_manifest(case)["config"]["G_init_kwargs"])
+  )
+  marker = tmp_path / "PWNED"
+  evil = tmp_path / "evil.pt"
+  torch.save({"mapping.w_avg": _Payload(marker, "exec")}, evil)
+  result = _run_tool(
+      "--input", evil, "--output", tmp_path / "o", "--config", config
+  )
+  assert result.returncode == 1 and not marker.exists()
+  assert result.stderr.count("\n") == 1, result.stderr
+  assert "refused global" in result.stderr and "exec" in result.stderr
+  # torch's message advises `weights_only=False`; it must never reach users.
+  assert "weights_only" not in result.stderr
+  assert "safe_globals" not in result.stderr
+  assert not (tmp_path / "o").exists()
+  # A non-finite tensor: one line naming it; --allow_nonfinite converts.
+  sd = golden.torch_state_dict(case)
+  sd["mapping.fc0.bias"][1] = float("inf")
+  good = _save_state_dict(tmp_path / "inf.pt", sd)
+  result = _run_tool(
+      "--input", good, "--output", tmp_path / "o", "--config", config
+  )
+  assert result.returncode == 1 and result.stderr.count("\n") == 1
+  assert "tensor mapping.fc0.bias has 1 non-finite" in result.stderr
+  assert "--allow_nonfinite" in result.stderr
+  result = _run_tool(
+      "--input",
+      good,
+      "--output",
+      tmp_path / "o",
+      "--config",
+      config,
+      "--allow_nonfinite",
+  )
+  assert result.returncode == 0, result.stderr
+  model = json.loads((tmp_path / "o" / "model.json").read_text())
+  assert model["metadata"]["allow_nonfinite"] is True
+  # A config file that is not JSON: one line, no traceback.
+  config.write_text("{not json")
+  result = _run_tool(
+      "--input", good, "--output", tmp_path / "p", "--config", config
+  )
+  assert result.returncode == 1 and result.stderr.count("\n") == 1
+  assert "not a readable JSON file" in result.stderr
 
 
 _READ_BACK = """

@@ -11,6 +11,10 @@ match exactly (`module.` prefixes are stripped; `num_batches_tracked` may be
 absent). The output folder holds `model.json` and an orbax checkpoint, read
 back without torch by `synthdistill_jax.models.load(DIR)`.
 
+Weights must be floating point (an integer tensor is refused, not cast;
+the integer `num_batches_tracked` counters are skipped) and finite (NaN/Inf
+refused unless `--allow_nonfinite`, which `model.json` then records).
+
 `--summary` prints PyTorch-style parameter counts (running statistics
 excluded) per top-level module and in total, with the reference count of the
 official model when the architecture has its default shape. Errors are one
@@ -66,6 +70,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
       type=float,
       default=None,
       help="BatchNorm epsilon (default 1e-5; 2e-5 for old MXNet ports)",
+  )
+  parser.add_argument(
+      "--allow_nonfinite",
+      action="store_true",
+      help="convert weights holding NaN/Inf instead of refusing them",
   )
   parser.add_argument(
       "--dtype",
@@ -150,7 +159,9 @@ def convert(args: argparse.Namespace) -> None:
       os.path.join(args.output, models.registry.MODEL_JSON)
   ):
     raise FileExistsError(f"{args.output}: already holds a model")
-  _, variables = face.load_face_model(args.input, args.arch, **kwargs)
+  _, variables = face.load_face_model(
+      args.input, args.arch, allow_nonfinite=args.allow_nonfinite, **kwargs
+  )
   if args.summary:
     counts, frozen = count_parameters(args.arch, variables, kwargs)
     print(format_summary(args.arch, counts, frozen, kwargs))
@@ -160,6 +171,8 @@ def convert(args: argparse.Namespace) -> None:
         "sha256": sha256(args.input),
         "converted_by": "tools/convert_face_model.py",
     }
+    if args.allow_nonfinite:
+      metadata[models.registry.ALLOW_NONFINITE] = True
     path = models.save(args.output, args.arch, kwargs, variables, metadata)
     print(f"wrote {path}")
 

@@ -7,7 +7,9 @@ reads an NVIDIA `.pkl` (NVlabs/stylegan3 or stylegan2-ada-pytorch; `G_ema`)
 without running anything from it, or a `torch.save`d state dict with
 `--config generator.json`, and writes `model.json` plus an orbax checkpoint
 that `synthdistill_jax.models.stylegan2.load(DIR)` reads without PyTorch.
-Errors are one line on stderr and a non-zero exit status.
+Errors are one line on stderr and a non-zero exit status: a tensor holding
+NaN/Inf is refused unless `--allow_nonfinite` is given, a non-float tensor
+is refused rather than cast.
 """
 
 import argparse
@@ -30,16 +32,28 @@ def parse_args(argv):
       default=None,
       help="JSON generator kwargs, required for a state dict input",
   )
+  parser.add_argument(
+      "--allow_nonfinite",
+      action="store_true",
+      help="convert tensors holding NaN/Inf instead of refusing them",
+  )
   return parser.parse_args(argv)
 
 
-def convert(input_path: str, output: str, config: str | None = None) -> str:
+def convert(
+    input_path: str,
+    output: str,
+    config: str | None = None,
+    allow_nonfinite: bool = False,
+) -> str:
   """Converts one checkpoint.
 
   Args:
     input_path: NVIDIA pickle or state dict.
     output: model folder to create.
     config: JSON file of generator kwargs (state dicts only).
+    allow_nonfinite: keep NaN/Inf tensors (recorded in `model.json`, so that
+      `models.load` reads them back) instead of refusing them.
 
   Returns:
     A one-line summary of what was written.
@@ -49,11 +63,18 @@ def convert(input_path: str, output: str, config: str | None = None) -> str:
   kwargs, state, metadata = convert_stylegan2.read_checkpoint(
       input_path, config
   )
-  module = models.create_model("stylegan2", **kwargs)
+  try:
+    module = models.create_model("stylegan2", **kwargs)
+  except (TypeError, ValueError) as e:
+    raise convert_stylegan2.ConversionError(
+        f"{input_path}: bad generator config ({e})"
+    ) from None
   variables = convert_stylegan2.state_dict_to_variables(
-      state, module, input_path
+      state, module, input_path, allow_nonfinite=allow_nonfinite
   )
   metadata = dict(metadata, source=str(pathlib.Path(input_path).name))
+  if allow_nonfinite:
+    metadata[models.registry.ALLOW_NONFINITE] = True
   models.save(output, "stylegan2", kwargs, variables, metadata)
   defaults = metadata.get("defaults_used") or {}
   note = f"; writer defaults used: {json.dumps(defaults)}" if defaults else ""
@@ -67,7 +88,7 @@ def main(argv=None) -> int:
   """Entry point; returns the exit status."""
   args = parse_args(argv)
   try:
-    print(convert(args.input, args.output, args.config))
+    print(convert(args.input, args.output, args.config, args.allow_nonfinite))
   except (
       convert_stylegan2.ConversionError,
       safe_pickle.UnsafePickleError,

@@ -180,6 +180,7 @@ def variables_from_state_dict(
     state_dict: dict[str, np.ndarray],
     *,
     source: str = "state dict",
+    allow_nonfinite: bool = False,
     **kwargs: Any,
 ):
   """Maps a PyTorch state dict onto the Flax model.
@@ -188,18 +189,24 @@ def variables_from_state_dict(
     arch: registry name ('iresnet100', 'mobilefacenet', 'tinyfar_a', ...).
     state_dict: `{torch key: array}`, `module.` prefixes already stripped.
     source: what to call the state dict in errors (the file path).
+    allow_nonfinite: keep NaN/Inf weights instead of refusing them.
     **kwargs: constructor arguments (`bn_eps`, `dtype`, ...).
 
   Returns:
     `(module, variables)`, variables `{'params', 'batch_stats'}` as float32
-    numpy arrays.
+    numpy arrays. `num_batches_tracked` (an integer counter) is skipped.
 
   Raises:
-    ValueError: unknown arch, or missing / unexpected / misshapen keys.
+    ValueError: unknown arch, missing / unexpected / misshapen keys, a
+      non-float weight, or NaN/Inf values.
   """
   if arch.startswith(STUDENT_PREFIX):
     return _student_converter().variables_from_state_dict(
-        arch, state_dict, source=source, **kwargs
+        arch,
+        state_dict,
+        source=source,
+        allow_nonfinite=allow_nonfinite,
+        **kwargs,
     )
   module = _create(arch, **kwargs)
   leaves, shapes = _layout(module)
@@ -208,8 +215,14 @@ def variables_from_state_dict(
   check_keys(state_dict, expected, f"{source} (as {arch})", optional=optional)
   variables = {}
   for leaf in leaves:
+    # No collection: `num_batches_tracked`, an integer counter we do not keep.
     if leaf.collection:
-      value = np.asarray(state_dict[leaf.torch_key], np.float32)
+      value = torch_io.float_weight(
+          leaf.torch_key,
+          state_dict[leaf.torch_key],
+          source,
+          allow_nonfinite=allow_nonfinite,
+      )
       _set(variables, (leaf.collection,) + leaf.path, leaf.from_torch(value))
   return module, variables
 
@@ -244,13 +257,20 @@ def state_dict_from_variables(
   return out
 
 
-def load_face_model(path: str | os.PathLike, arch: str, **kwargs: Any):
+def load_face_model(
+    path: str | os.PathLike,
+    arch: str,
+    *,
+    allow_nonfinite: bool = False,
+    **kwargs: Any,
+):
   """Reads a face-network `.pth` into `(module, variables)`.
 
   Args:
     path: PyTorch state dict (insightface backbone, SynthDistill student,
       or timm ImageNet TinyNet for initialising a student).
     arch: registry name.
+    allow_nonfinite: keep NaN/Inf weights instead of refusing them.
     **kwargs: constructor arguments (`bn_eps=2e-5` for old MXNet ports,
       `dtype='bfloat16'`, ...).
 
@@ -268,4 +288,10 @@ def load_face_model(path: str | os.PathLike, arch: str, **kwargs: Any):
         f" {', '.join(FACE_ARCHS)} and tinyfar_a/b/c"
     )
   state_dict = load_state_dict(path)
-  return variables_from_state_dict(arch, state_dict, source=path, **kwargs)
+  return variables_from_state_dict(
+      arch,
+      state_dict,
+      source=path,
+      allow_nonfinite=allow_nonfinite,
+      **kwargs,
+  )

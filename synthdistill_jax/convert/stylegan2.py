@@ -26,6 +26,7 @@ import numpy as np
 
 from synthdistill_jax import safe_pickle
 from synthdistill_jax.convert import nvidia_pickle
+from synthdistill_jax.convert import torch_io
 from synthdistill_jax.models import stylegan2
 
 # The official 4x4 `resample_filter` buffer: setup_filter([1,3,3,1]).
@@ -283,6 +284,8 @@ def state_dict_to_variables(
     state_dict: dict[str, np.ndarray],
     module: stylegan2.Generator,
     source: str = "<state_dict>",
+    *,
+    allow_nonfinite: bool = False,
 ) -> dict:
   """Maps an official StyleGAN2 `state_dict` onto the module's variables.
 
@@ -290,13 +293,15 @@ def state_dict_to_variables(
     state_dict: official keys (`mapping.fc0.weight`, ...) -> arrays.
     module: the `Generator` of the same configuration.
     source: file name for messages.
+    allow_nonfinite: keep NaN/Inf values instead of refusing them.
 
   Returns:
     `{'params': ..., 'buffers': ...}` of float32 numpy arrays.
 
   Raises:
-    ConversionError: a missing, unexpected or misshapen key, or a
-      `resample_filter` other than the official [1,3,3,1] one.
+    ConversionError: a missing, unexpected or misshapen key, a
+      `resample_filter` other than the official [1,3,3,1] one, a tensor that
+      is not floating point (refused, not cast) or holds NaN/Inf.
   """
   expected = expected_shapes(module)
   variables = {}
@@ -318,10 +323,16 @@ def state_dict_to_variables(
           f"{source}: {name} has shape {list(value.shape)}, expected"
           f" {list(_torch_shape(name, shape))}"
       )
+    try:
+      value = torch_io.float_weight(
+          name, value, source, allow_nonfinite=allow_nonfinite
+      )
+    except ValueError as e:
+      raise ConversionError(str(e)) from None
     node = variables.setdefault(collection, {})
     for p in path[:-1]:
       node = node.setdefault(p, {})
-    node[path[-1]] = _to_flax(name, value).astype(np.float32)
+    node[path[-1]] = _to_flax(name, value)
   missing = [k for k in expected if k not in state_dict]
   if missing:
     more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -335,7 +346,18 @@ def _normalise_config(config) -> dict[str, Any]:
   NVIDIA-style `mapping_kwargs` / `synthesis_kwargs` are flattened.
   """
   if isinstance(config, (str, os.PathLike)):
-    config = json.loads(pathlib.Path(config).read_text())
+    try:
+      config = json.loads(pathlib.Path(config).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise ConversionError(
+          f"config {os.fspath(config)}: not a readable JSON file"
+          f" ({type(e).__name__}: {e})"
+      ) from None
+  if not isinstance(config, dict):
+    raise ConversionError(
+        f"config: expected a JSON object of generator kwargs, got"
+        f" {type(config).__name__}"
+    )
   config = dict(config)
   mapping_kw = dict(config.pop("mapping_kwargs", None) or {})
   config.update(config.pop("synthesis_kwargs", None) or {})
@@ -353,13 +375,10 @@ def _normalise_config(config) -> dict[str, Any]:
 def _read_state_dict(path: str) -> dict[str, np.ndarray]:
   torch = nvidia_pickle._torch()  # pylint: disable=protected-access
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # pylint: disable=broad-except
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    raise ConversionError(
-        f"{path}: not a readable PyTorch state dict ({type(e).__name__}:"
-        f" {reason})"
-    ) from None
+    # The shared reader: one line, and never torch's advice to load unsafely.
+    obj = torch_io.read_file(path)
+  except (ValueError, OSError) as e:
+    raise ConversionError(str(e)) from None
   if not isinstance(obj, dict):
     raise ConversionError(
         f"{path}: holds a {type(obj).__name__}, not a state dict"
@@ -418,13 +437,14 @@ def read_checkpoint(path, config=None):
   return kwargs, state, metadata
 
 
-def load_stylegan2(path, config=None, **overrides):
+def load_stylegan2(path, config=None, *, allow_nonfinite=False, **overrides):
   """Converts an official StyleGAN2 checkpoint: `(module, variables)`.
 
   Args:
     path: NVIDIA `.pkl` (stylegan2-ada-pytorch or stylegan3), or a state dict
       `.pt`/`.pth` together with `config`.
     config: generator kwargs for state dicts (dict or JSON path).
+    allow_nonfinite: keep NaN/Inf values instead of refusing them.
     **overrides: `Generator` attributes to change, e.g. `dtype`, which do
       not change the variables.
 
@@ -438,4 +458,6 @@ def load_stylegan2(path, config=None, **overrides):
     raise ConversionError(
         f"{os.fspath(path)}: bad generator config ({e})"
     ) from None
-  return module, state_dict_to_variables(state, module, os.fspath(path))
+  return module, state_dict_to_variables(
+      state, module, os.fspath(path), allow_nonfinite=allow_nonfinite
+  )

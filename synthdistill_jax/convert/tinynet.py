@@ -205,6 +205,7 @@ def variables_from_state_dict(
     *,
     seed: int = 0,
     source: str = "state dict",
+    allow_nonfinite: bool = False,
     **kwargs: Any,
 ):
   """Maps a PyTorch TinyFaR / timm tinynet state dict to Flax variables.
@@ -217,6 +218,7 @@ def variables_from_state_dict(
     seed: initialises the `fc` head when the input is a timm ImageNet
       checkpoint (which has none).
     source: named in error messages (the file path).
+    allow_nonfinite: keep NaN/Inf weights instead of refusing them.
     **kwargs: constructor overrides for `tinynet.create`.
 
   Returns:
@@ -233,10 +235,10 @@ def variables_from_state_dict(
   for key, collection, path in _entries(module):
     if collection is None or key not in sd:
       continue
-    value = sd[key]
-    if not np.issubdtype(value.dtype, np.floating):
-      raise ValueError(f"{source}: {key} has dtype {value.dtype}, not float")
-    value = _to_flax_layout(value.astype(np.float32))
+    value = torch_io.float_weight(
+        key, sd[key], source, allow_nonfinite=allow_nonfinite
+    )
+    value = _to_flax_layout(value)
     _set(variables[collection], path, np.ascontiguousarray(value))
   if fmt == TIMM:
     fan_in = module.head_features()

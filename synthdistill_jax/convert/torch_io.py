@@ -10,6 +10,7 @@ returns numpy arrays, so the rest of the converters never touch torch.
 
 import os
 import re
+import warnings
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -33,13 +34,34 @@ def _import_torch(path: str):
   return torch
 
 
-def _read(path: str) -> Any:
-  """`torch.load` with weights only, every failure as one line."""
+def read_file(path: str) -> Any:
+  """`torch.load` with weights only, every failure as one line.
+
+  torch's own messages advise re-running with `weights_only=False` (which
+  would run the file's code) or allow-listing the refused global; neither is
+  ever repeated: only the refused global or construct is named.
+
+  Args:
+    path: a file written by `torch.save` (zip or legacy pickle format).
+
+  Returns:
+    Whatever the file holds (tensors and plain containers only).
+
+  Raises:
+    FileNotFoundError: no such file.
+    UnsafePickleError: the file names a global other than tensors, or uses
+      a construct the weights-only reader refuses (nothing was run).
+    ValueError: truncated or corrupt.
+  """
   torch = _import_torch(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such file")
   try:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():
+      # torch warns about pickle protocols on stderr; the file is refused or
+      # read below either way, and errors stay one line.
+      warnings.simplefilter("ignore")
+      return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
     text = str(e)
     refused = re.search(r"GLOBAL ([\w.]+)", text)
@@ -53,6 +75,8 @@ def _read(path: str) -> Any:
       # Not a forbidden global but another construct the weights-only
       # reader rejects (e.g. an unsupported opcode): still refused, not run.
       lines = [l.strip() for l in text.splitlines() if l.strip()]
+      # Never the lines that advise loading unsafely.
+      lines = [l for l in lines if "weights_only" not in l] or ["refused"]
       detail = next(
           (l for l in lines if l.startswith("Unsupported")), lines[-1]
       )
@@ -60,7 +84,8 @@ def _read(path: str) -> Any:
           f"{path}: refused by torch's weights-only reader ({detail[:160]});"
           " nothing from the file was run"
       ) from None
-    first = text.strip().splitlines()[0] if text.strip() else ""
+    lines = [l for l in text.strip().splitlines() if "weights_only" not in l]
+    first = lines[0] if lines else ""
     raise ValueError(
         f"{path}: not a readable PyTorch checkpoint, truncated or corrupt"
         f" ({type(e).__name__}: {first[:160]})"
@@ -135,8 +160,46 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """
   path = os.fspath(path)
   torch = _import_torch(path)
-  state_dict = _unwrap(_read(path), path, torch)
+  state_dict = _unwrap(read_file(path), path, torch)
   return {k: _to_numpy(v) for k, v in strip_prefix(state_dict).items()}
+
+
+def float_weight(
+    key: str, value: Any, source: str, *, allow_nonfinite: bool = False
+) -> np.ndarray:
+  """Checks one tensor that must be a floating-point weight; float32 copy.
+
+  Args:
+    key: the tensor's name in the state dict (named in errors).
+    value: the array.
+    source: what to call the file in errors (its path).
+    allow_nonfinite: keep NaN/Inf values instead of refusing them.
+
+  Returns:
+    The values as a float32 numpy array.
+
+  Raises:
+    ValueError: one line naming the tensor: an integer, boolean or complex
+      tensor (refused rather than cast), or NaN/Inf values (also values that
+      overflow float32).
+  """
+  value = np.asarray(value)
+  if not np.issubdtype(value.dtype, np.floating):
+    raise ValueError(
+        f"{source}: tensor {key} has dtype {value.dtype}, expected a"
+        " floating-point weight (refused rather than cast)"
+    )
+  with np.errstate(over="ignore"):
+    value = value.astype(np.float32)
+  if not allow_nonfinite:
+    bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+    if bad:
+      raise ValueError(
+          f"{source}: tensor {key} has {bad} non-finite value(s) (NaN/Inf) of"
+          f" {value.size}; refused (--allow_nonfinite / allow_nonfinite=True"
+          " converts it anyway)"
+      )
+  return value
 
 
 def _listed(items: list[str]) -> str:

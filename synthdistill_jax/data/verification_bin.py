@@ -6,8 +6,9 @@ A `.bin` (lfw.bin, cfp_fp.bin, agedb_30.bin, ...) is a pickle of
 written by Python 2, so their strings are read back as `bytes`.
 
 Nothing in the file is ever run: the pickle goes through
-`synthdistill_jax.safe_pickle` with an empty allow-list (only containers,
-bytes and booleans can be built), the structure is checked, and every image is
+`synthdistill_jax.safe_pickle` with an allow-list of numpy's boolean scalar
+only (labels may be `numpy.bool_`; otherwise only containers, bytes and
+booleans can be built), the structure is checked, and every image is
 checked (format, decodable, RGB-convertible, 112x112) before anything else
 uses the file. Images are then decoded again, batch by batch, so a benchmark
 never has to sit in memory as pixels.
@@ -158,7 +159,9 @@ def read_bin(
   path = str(path)
   try:
     with open(path, "rb") as f:
-      obj = safe_pickle.load(f, allowed={}, encoding="bytes", source=path)
+      obj = safe_pickle.load(
+          f, allowed=safe_pickle.NUMPY_BOOL, encoding="bytes", source=path
+      )
   except OSError as e:
     raise BinFormatError(f"{path}: cannot read ({e.strerror})") from None
   except (safe_pickle.UnsafePickleError, pickle.UnpicklingError) as e:

@@ -27,6 +27,8 @@ import orbax.checkpoint as ocp
 FORMAT = "synthdistill-jax-model/1"
 MODEL_JSON = "model.json"
 VARIABLES_DIR = "variables"
+# `model.json` metadata key: the converter was told to keep NaN/Inf values.
+ALLOW_NONFINITE = "allow_nonfinite"
 
 # Architecture name -> module of `synthdistill_jax.models` that builds it.
 _ARCH_MODULES = {
@@ -148,20 +150,132 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
   return config
 
 
-def load(directory: str | os.PathLike, **overrides: Any):
-  """Reads a model folder back.
+def abstract_variables(arch: str, module: nn.Module) -> Any:
+  """The variables `module.init` would create, as `ShapeDtypeStruct`s.
+
+  Args:
+    arch: the registry name `module` was built from.
+    module: the Flax module.
+
+  Returns:
+    `jax.eval_shape` of the module's initialisation (nothing is computed).
+  """
+  key = jax.random.key(0)
+  if _ARCH_MODULES[arch] == "stylegan2":
+    stylegan2 = importlib.import_module("synthdistill_jax.models.stylegan2")
+    return jax.eval_shape(lambda k: stylegan2.init_variables(module, k), key)
+  size = getattr(module, "input_size", 112)
+  x = jax.ShapeDtypeStruct((1, size, size, 3), np.float32)
+  return jax.eval_shape(lambda k, x: module.init(k, x, train=False), key, x)
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {
+      "/".join(str(getattr(p, "key", p)) for p in path): leaf
+      for path, leaf in flat
+  }
+
+
+def check_variables(
+    source: str,
+    variables: Any,
+    expected: Any,
+    *,
+    allow_nonfinite: bool = False,
+) -> None:
+  """Checks read variables against the shapes and dtypes a config implies.
+
+  Args:
+    source: what to name in the message (the folder).
+    variables: the arrays read.
+    expected: `abstract_variables` of the module `model.json` describes.
+    allow_nonfinite: accept NaN/Inf values.
+
+  Raises:
+    ValueError: one line naming the first missing, unexpected, misshapen,
+      mistyped or non-finite array (and how many more arrays are wrong).
+  """
+  got, want = _flat(variables), _flat(expected)
+  problems = [
+      f"array {k} is missing (expected shape {tuple(want[k].shape)})"
+      for k in want
+      if k not in got
+  ]
+  problems += [f"unexpected array {k}" for k in got if k not in want]
+  for k in (k for k in want if k in got):
+    found, spec = got[k], want[k]
+    if tuple(np.shape(found)) != tuple(spec.shape):
+      problems.append(
+          f"array {k} has shape {tuple(np.shape(found))}, model.json implies"
+          f" {tuple(spec.shape)}"
+      )
+    elif np.asarray(found).dtype != spec.dtype:
+      problems.append(
+          f"array {k} has dtype {np.asarray(found).dtype}, expected"
+          f" {np.dtype(spec.dtype)}"
+      )
+    elif not allow_nonfinite and not np.isfinite(found).all():
+      bad = int(np.size(found) - np.count_nonzero(np.isfinite(found)))
+      problems.append(f"array {k} has {bad} non-finite value(s) (NaN/Inf)")
+  if problems:
+    more = len(problems) - 1
+    raise ValueError(
+        f"{source}: {problems[0]}"
+        + (f" (and {more} more problem(s))" if more else "")
+    )
+
+
+def load(
+    directory: str | os.PathLike,
+    *,
+    allow_nonfinite: bool | None = None,
+    **overrides: Any,
+):
+  """Reads a model folder back, checking every array.
 
   Args:
     directory: a folder written by `save` (or by the conversion tools).
+    allow_nonfinite: accept NaN/Inf values; None takes `model.json`'s record
+      (set when a converter was run with `--allow_nonfinite`).
     **overrides: constructor arguments to change, e.g. `dtype='bfloat16'`.
 
   Returns:
     `(module, variables)`, variables as host numpy arrays.
+
+  Raises:
+    FileNotFoundError, ValueError: one line naming the folder: no or a bad
+      `model.json`, unreadable variables, or an array whose name, shape or
+      dtype differs from what `model.json` implies (`jax.eval_shape` of the
+      module's init), or that holds NaN/Inf.
   """
   config = read_config(directory)
   kwargs = dict(config["kwargs"], **overrides)
-  module = create_model(config["arch"], **kwargs)
+  try:
+    module = create_model(config["arch"], **kwargs)
+  except TypeError as e:
+    raise ValueError(
+        f"{epath.Path(directory) / MODEL_JSON}: bad kwargs ({e})"
+    ) from None
   path = resolve_path(directory) / VARIABLES_DIR
-  with ocp.StandardCheckpointer() as ckptr:
-    variables = ckptr.restore(path)
-  return module, _to_numpy(variables)
+  if not path.is_dir():
+    raise FileNotFoundError(f"{directory}: no {VARIABLES_DIR}/ folder")
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      variables = ckptr.restore(path)
+  except Exception as e:  # pylint: disable=broad-except
+    # orbax/tensorstore raise many types for damaged files; all one line.
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    raise ValueError(
+        f"{path}: cannot read the variables ({type(e).__name__}: {first})"
+    ) from None
+  variables = _to_numpy(variables)
+  if allow_nonfinite is None:
+    allow_nonfinite = bool(config.get("metadata", {}).get(ALLOW_NONFINITE))
+  check_variables(
+      str(directory),
+      variables,
+      abstract_variables(config["arch"], module),
+      allow_nonfinite=allow_nonfinite,
+  )
+  return module, variables
