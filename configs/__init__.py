@@ -15,7 +15,7 @@ def _evals_config() -> ml_collections.ConfigDict:
 
     return evaluate.default_evals_config()
   except ImportError:
-    return ml_collections.ConfigDict({"bins": []})
+    return ml_collections.ConfigDict({"bins": ()})
 
 
 def base_config() -> ml_collections.ConfigDict:

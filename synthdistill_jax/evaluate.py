@@ -364,7 +364,7 @@ def evaluate_ijb(
 def default_evals_config() -> ml_collections.ConfigDict:
   """The `config.evals` block: which benchmarks the trainer runs."""
   config = ml_collections.ConfigDict()
-  config.bins = []  # Paths of insightface .bin files ('lfw.bin', ...).
+  config.bins = ()  # Paths of insightface .bin files ('lfw.bin', ...).
   config.batch_size = 64  # Images per device call.
   config.ijb = ml_collections.ConfigDict()
   config.ijb.meta_dir = ""  # IJB meta folder; '' skips IJB.

@@ -12,6 +12,8 @@ import pytest
 from synthdistill_jax import metrics_io
 from synthdistill_jax import models
 from synthdistill_jax import train
+from synthdistill_jax.data import verification_bin
+from tests import test_evaluate_cli
 from tests import test_train
 
 STEPS = 2
@@ -25,6 +27,14 @@ def _free_port() -> int:
 
 @pytest.mark.devices(2)  # The single-process reference runs on 2.
 def test_two_processes_match_one_process(tmp_path):
+  # A verification .bin evaluated after each of the two epochs.
+  bin_path = tmp_path / "toy.bin"
+  verification_bin.write_bin(bin_path, *test_evaluate_cli.make_faces(40))
+  overrides = {
+      "schedule.steps_per_epoch": STEPS,
+      "schedule.epochs": 2,
+      "evals.bins": [str(bin_path)],
+  }
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   env["JAX_PLATFORMS"] = "cpu"
@@ -36,7 +46,7 @@ def test_two_processes_match_one_process(tmp_path):
               "synthdistill_jax.main",
               f"--config={test_train.ROOT / 'configs' / 'demo.py'}:tiny",
               f"--workdir={tmp_path / 'multi'}",
-              f"--config.schedule.steps_per_epoch={STEPS}",
+              *[f"--config.{k}={v}" for k, v in overrides.items()],
               f"--coordinator_address=127.0.0.1:{port}",
               "--num_processes=2",
               f"--process_id={i}",
@@ -54,9 +64,7 @@ def test_two_processes_match_one_process(tmp_path):
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
   single = train.train_and_evaluate(
-      test_train.tiny_config(
-          **{"schedule.steps_per_epoch": STEPS, "mesh.num_devices": 2}
-      ),
+      test_train.tiny_config(**overrides, **{"mesh.num_devices": 2}),
       str(tmp_path / "single"),
   )
   multi_losses = [
@@ -66,6 +74,14 @@ def test_two_processes_match_one_process(tmp_path):
       r["loss"] for r in metrics_io.read_metrics(tmp_path / "single", "train")
   ]
   np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
+  multi_evals = metrics_io.read_metrics(tmp_path / "multi", "evals")
+  single_evals = metrics_io.read_metrics(tmp_path / "single", "evals")
+  assert [r["step"] for r in multi_evals] == [STEPS, 2 * STEPS]
+  assert [r["step"] for r in single_evals] == [STEPS, 2 * STEPS]
+  for multi, single in zip(multi_evals, single_evals):
+    assert multi.keys() == single.keys()
+    assert multi["toy/accuracy"] == single["toy/accuracy"]
+    np.testing.assert_allclose(multi["toy/xnorm"], single["toy/xnorm"], 1e-4)
   _, variables = models.load(tmp_path / "multi" / "student")
   test_train.assert_params_close(
       jax.tree.leaves(variables["params"]), test_train.final_params(single)
