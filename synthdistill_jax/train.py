@@ -27,6 +27,7 @@ from synthdistill_jax import faces
 from synthdistill_jax import frozen
 from synthdistill_jax import metrics_io
 from synthdistill_jax import models
+from synthdistill_jax import report
 from synthdistill_jax import sharding
 
 ConfigError = frozen.ConfigError
@@ -478,9 +479,15 @@ def _epoch_end(ctx, state, step: int, epoch: int) -> dict:
     host = sharding.to_host(
         {"params": state.params, "batch_stats": state.batch_stats}
     )
-    results = evaluate.run_evaluators(config.evals, ctx["student"].module, host)
+    results = evaluate.run_evaluators(
+        config.evals,
+        ctx["student"].module,
+        host,
+        progress_bar=config.progress_bar,
+    )
     ctx["writer"].write(step, "evals", results)
     ctx["log"](f"epoch {epoch}: {_format(results)}")
+  report.write_run_report(ctx["workdir"], config, {"step": step})
   return dict(val, step=step)
 
 
@@ -569,6 +576,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
     manager.wait_until_finished()
     manager.close()
     writer.close()
+  report.write_run_report(workdir, config, {"preempted": result.preempted})
   log(
       f"checkpoints: {workdir / 'checkpoints'}\n"
       f"student model: {workdir / 'student'}\n"

@@ -16,6 +16,7 @@ import pathlib
 import sys
 
 from synthdistill_jax import models
+from synthdistill_jax import progress
 from synthdistill_jax import safe_pickle
 from synthdistill_jax.convert import stylegan2 as convert_stylegan2
 
@@ -30,31 +31,47 @@ def parse_args(argv):
       default=None,
       help="JSON generator kwargs, required for a state dict input",
   )
+  progress.add_argument(parser)
   return parser.parse_args(argv)
 
 
-def convert(input_path: str, output: str, config: str | None = None) -> str:
+def convert(
+    input_path: str,
+    output: str,
+    config: str | None = None,
+    progress_bar: bool = True,
+) -> str:
   """Converts one checkpoint.
 
   Args:
     input_path: NVIDIA pickle or state dict.
     output: model folder to create.
     config: JSON file of generator kwargs (state dicts only).
+    progress_bar: show the phases (reading, converting, saving).
 
   Returns:
     A one-line summary of what was written.
   """
   if pathlib.Path(output, models.registry.MODEL_JSON).exists():
     raise convert_stylegan2.ConversionError(f"{output}: already holds a model")
-  kwargs, state, metadata = convert_stylegan2.read_checkpoint(
-      input_path, config
-  )
-  module = models.create_model("stylegan2", **kwargs)
-  variables = convert_stylegan2.state_dict_to_variables(
-      state, module, input_path
-  )
-  metadata = dict(metadata, source=str(pathlib.Path(input_path).name))
-  models.save(output, "stylegan2", kwargs, variables, metadata)
+  name = pathlib.Path(input_path).name
+  with progress.phases(
+      f"convert {name}",
+      ("reading", "converting", "saving"),
+      enabled=progress_bar,
+  ) as phase:
+    with phase("reading"):
+      kwargs, state, metadata = convert_stylegan2.read_checkpoint(
+          input_path, config
+      )
+    with phase("converting"):
+      module = models.create_model("stylegan2", **kwargs)
+      variables = convert_stylegan2.state_dict_to_variables(
+          state, module, input_path
+      )
+    with phase("saving"):
+      metadata = dict(metadata, source=name)
+      models.save(output, "stylegan2", kwargs, variables, metadata)
   defaults = metadata.get("defaults_used") or {}
   note = f"; writer defaults used: {json.dumps(defaults)}" if defaults else ""
   return (
@@ -67,7 +84,7 @@ def main(argv=None) -> int:
   """Entry point; returns the exit status."""
   args = parse_args(argv)
   try:
-    print(convert(args.input, args.output, args.config))
+    print(convert(args.input, args.output, args.config, args.progress))
   except (
       convert_stylegan2.ConversionError,
       safe_pickle.UnsafePickleError,
