@@ -417,7 +417,6 @@ def evaluate(
       total=len(meta.pairs),
       desc="IJB pairs",
       unit="pair",
-      unit_scale=True,
       enabled=progress_bar,
   ) as bar:
     for start in range(0, len(meta.pairs), _PAIR_CHUNK):

@@ -111,10 +111,6 @@ class LogBar(tqdm.tqdm):
     self._stream = stream
     self._last_line_t = None
     self._quiet = False
-    total = kw.get("total", args[1] if len(args) > 1 else None)
-    kw.setdefault(
-        "bar_format", LOG_FORMAT if total is not None else LOG_FORMAT_NO_TOTAL
-    )
     super().__init__(*args, file=_NullFile(), **kw)
 
   def _interval(self, elapsed: float) -> float:
@@ -136,7 +132,12 @@ class LogBar(tqdm.tqdm):
       if since < self._interval(now - start):
         return True
     self._last_line_t = now
-    line = self.format_meter(**self.format_dict)
+    fields = self.format_dict
+    # tqdm knows the total only now when it comes from `len(iterable)`.
+    fields["bar_format"] = (
+        LOG_FORMAT if self.total is not None else LOG_FORMAT_NO_TOTAL
+    )
+    line = self.format_meter(**fields)
     print(line, file=self._stream or sys.stderr, flush=True)
     return True
 

@@ -129,6 +129,13 @@ def test_each_phase_yields_every_item_inside_its_phase():
   assert "2/2 (100%)" in text
 
 
+def test_a_wrapped_iterable_gives_the_total():
+  stream = io.StringIO()
+  bar = progress.create(range(5), desc="t", stream=stream)
+  assert list(bar) == list(range(5))
+  assert stream.getvalue().startswith("t: 5/5 (100%) [")
+
+
 def test_flags():
   parser = argparse.ArgumentParser()
   progress.add_argument(parser)
