@@ -38,7 +38,7 @@ EVAL_SUFFIXES = ("/accuracy", "/tar_far_1e-4")
 UNSET = "(unset)"  # A field the base config (or the run's config) lacks.
 REPORT_MD = "report.md"
 CURVES_PNG = "curves.png"
-PANELS_PER_ROW = 3
+MAX_PANELS_PER_ROW = 3
 
 
 def read_records(workdir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -113,16 +113,17 @@ def plot_curves(series: dict[str, tuple], steps_per_epoch: int):
       ("training loss", [TRAIN_LOSS], "iteration"),
       ("held-out MSE", [HELD_OUT[0]], "iteration"),
       ("held-out cosine and R$^2$", list(HELD_OUT[1:]), "iteration"),
-      ("images/s", [IMAGES_PER_SEC], "iteration"),
+      ("images/s (mean since the loop started)", [IMAGES_PER_SEC], "iteration"),
   ]
   evals = _eval_names(series)
   if evals:
     panels.insert(
         3, ("benchmarks", [tuple(k.split("/", 1)) for k in evals], "epoch")
     )
-  rows = -(-len(panels) // PANELS_PER_ROW)
-  fig = mpl_figure.Figure(figsize=(4.2 * PANELS_PER_ROW, 3.4 * rows), dpi=100)
-  axes = fig.subplots(rows, PANELS_PER_ROW, squeeze=False).ravel()
+  cols = min(MAX_PANELS_PER_ROW, -(-len(panels) // 2))
+  rows = -(-len(panels) // cols)
+  fig = mpl_figure.Figure(figsize=(4.2 * cols, 3.4 * rows), dpi=100)
+  axes = fig.subplots(rows, cols, squeeze=False).ravel()
   for ax in axes[len(panels) :]:
     ax.set_axis_off()
   plotted = {}
