@@ -45,6 +45,7 @@ from ml_collections import config_flags
 from synthdistill_jax import distill
 from synthdistill_jax import experiment
 from synthdistill_jax import faces
+from synthdistill_jax import progress
 from synthdistill_jax import sharding
 
 # New attributes are accepted so that kwargs dicts such as generator.random
@@ -85,6 +86,7 @@ _PROFILE_DIR = flags.DEFINE_string(
 _PEAK_SIZE = flags.DEFINE_integer(
     "peak_size", None, "Side of the square peak matmul (default by backend)."
 )
+_PROGRESS = progress.define_flag()
 
 # Dense datasheet peaks per JAX device in TFLOP/s, by compute dtype. Matched
 # against `device.device_kind` (lower case, first match wins, so the more
@@ -366,6 +368,7 @@ def run_benchmark(
     iters: int,
     peak_size: int,
     profile_dir: str | None = None,
+    progress_bar: bool = True,
 ) -> dict[str, Any]:
   """Benchmarks every stage of one config.
 
@@ -377,6 +380,7 @@ def run_benchmark(
     peak_size: side of the peak matmul.
     profile_dir: if set, a profiler trace per stage under
       `profile_dir/<config name>/<stage>`.
+    progress_bar: a bar over the stages (`synthdistill_jax.progress`).
 
   Returns:
     The result record that goes into the JSON file.
@@ -400,7 +404,14 @@ def run_benchmark(
   units = 1 if device.platform == "cpu" else exp.mesh.size
   results, outputs = {}, {}
   key = jax.random.PRNGKey(config.seed)
-  for name, jitted, make_args, images, *carry in build_stages(exp, key):
+  stages = progress.each_phase(
+      f"benchmark {describe_config(config)}",
+      build_stages(exp, key),
+      name=lambda s: s[0],
+      enabled=progress_bar,
+      unit="stage",
+  )
+  for name, jitted, make_args, images, *carry in stages:
     stage = Stage(name, jitted, make_args(outputs), images, bool(carry))
     trace_dir = None
     if profile_dir:
@@ -582,6 +593,7 @@ def main(argv: list[str]) -> None:
               _ITERS.value,
               peak_size,
               _PROFILE_DIR.value,
+              _PROGRESS.value,
           )
       )
       print(format_table(results[-1]), flush=True)

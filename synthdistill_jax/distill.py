@@ -240,13 +240,15 @@ def train_step(
     loss, parts = distill_loss(s, t, spec.loss)
     return loss, (s, stats, parts)
 
-  grads, (s, stats, parts) = jax.grad(loss_fn, has_aux=True)(state.params)
+  (loss, (s, stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params
+  )
   updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   count = state.step * UPDATES_PER_ITERATION + k
   metrics = dict(
       parts,
-      loss=distill_loss(s, t, spec.loss)[0],
+      loss=loss,
       grad_norm=optax.tree.norm(grads),
       update_norm=optax.tree.norm(updates),
       param_norm=optax.tree.norm(params),
@@ -291,10 +293,8 @@ def iteration(
 ):
   """One SynthDistill iteration: two updates (see the module docstring).
 
-  The two updates of the generated samplers are one traced body scanned
-  twice: update 0 draws fresh latents; update 1 draws fresh ones too
-  (`dynamic`) or re-samples update 0's (`resample`), with `s` from before
-  update 0.
+  Update 0 draws fresh latents; update 1 draws fresh ones too (`dynamic`)
+  or re-samples update 0's (`resample`), with `s` from before update 0.
 
   Args:
     spec: the program spec.
@@ -311,33 +311,23 @@ def iteration(
     return _static_iteration(spec, state, static_batches)
   key = jax.random.fold_in(state.rng, state.step)
 
-  def update(carry, k):
-    state, w, s, t = carry
-    fresh = sample_latents(spec, gen_vars, _key(key, k, _Z))
-    if spec.sampler == "resample":
-      eps = jax.random.normal(_key(key, k, _EPS), w.shape, w.dtype)
-      moved = resample_latents(
-          w, s, t, _constrain(spec, eps), spec.resampling_coef
-      )
-      fresh = jnp.where(k == 0, fresh, moved)
-    x = render_faces(spec, gen_vars, fresh, _key(key, k, _NOISE))
+  def update(state, w, k: int):
+    x = render_faces(spec, gen_vars, w, _key(key, k, _NOISE))
     t = embed_teacher(spec, teacher_vars, x)
     state, metrics, s = train_step(spec, state, x, t, k)
-    return (state, fresh, s, t), metrics
+    return state, metrics, s, t
 
-  x_shape = jax.ShapeDtypeStruct((1, 112, 112, 3), jnp.float32)
-  emb = jax.eval_shape(
-      lambda x: embed_teacher(spec, teacher_vars, x), x_shape
-  ).shape[-1]
-  zeros = lambda n: _constrain(
-      spec, jnp.zeros((spec.batch_size, n), jnp.float32)
-  )
-  init = (state, zeros(spec.generator.w_dim), zeros(emb), zeros(emb))
-  ks = jnp.arange(UPDATES_PER_ITERATION)
-  # Unrolled: XLA:CPU runs convolutions inside a while loop about 10x slower
-  # (measured on the demo: 13.6 s vs 1.4 s per iteration).
-  (state, *_), metrics = jax.lax.scan(update, init, ks, unroll=True)
-  first, second = (jax.tree.map(lambda m, i=i: m[i], metrics) for i in (0, 1))
+  # The two updates are written out (XLA:CPU runs convolutions inside a
+  # while loop about 10x slower: 13.6 s vs 1.4 s per demo iteration), so
+  # each computes only the latents it uses.
+  w = sample_latents(spec, gen_vars, _key(key, 0, _Z))
+  state, first, s, t = update(state, w, 0)
+  if spec.sampler == "resample":
+    eps = jax.random.normal(_key(key, 1, _EPS), w.shape, w.dtype)
+    w = resample_latents(w, s, t, _constrain(spec, eps), spec.resampling_coef)
+  else:
+    w = sample_latents(spec, gen_vars, _key(key, 1, _Z))
+  state, second, _, _ = update(state, w, 1)
   return state.replace(step=state.step + 1), _merge_metrics(first, second)
 
 

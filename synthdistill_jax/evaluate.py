@@ -45,6 +45,7 @@ import ml_collections
 import numpy as np
 
 from synthdistill_jax import ijb
+from synthdistill_jax import progress
 from synthdistill_jax import safe_pickle
 from synthdistill_jax import verification
 from synthdistill_jax.data import verification_bin
@@ -259,7 +260,10 @@ def check_bin_folds(vbin: verification_bin.VerificationBin) -> None:
 
 
 def evaluate_bin(
-    vbin: verification_bin.VerificationBin, embed: Embedder, batch_size: int
+    vbin: verification_bin.VerificationBin,
+    embed: Embedder,
+    batch_size: int,
+    progress_bar: bool = True,
 ) -> BenchmarkResult:
   """The insightface 10-fold protocol on one `.bin`, with and without flip.
 
@@ -267,6 +271,8 @@ def evaluate_bin(
     vbin: a validated set from `verification_bin.read_bin`.
     embed: from `create_embedder`.
     batch_size: images decoded per batch.
+    progress_bar: show the images decoded and embedded (`synthdistill_jax.
+      progress`: a bar on a terminal, log lines in a file).
 
   Returns:
     A `BenchmarkResult`: accuracy (+std), accuracy without flip, VAL@FAR=1e-3
@@ -278,7 +284,13 @@ def evaluate_bin(
     NonFiniteEmbeddingError: the model gave NaN/Inf embeddings.
   """
   check_bin_folds(vbin)  # Before any image is embedded.
-  emb, emb_flip = embed(verification_bin.iterate_batches(vbin, batch_size))
+  batches = progress.count_batches(
+      verification_bin.iterate_batches(vbin, batch_size),
+      total=vbin.num_images,
+      desc=f"{vbin.name}: embedding",
+      enabled=progress_bar,
+  )
+  emb, emb_flip = embed(batches)
   check_finite(vbin.name, emb, emb_flip)
   flip = verification.evaluate(
       verification.combine_flip(emb, emb_flip), vbin.issame
@@ -314,6 +326,7 @@ def evaluate_ijb(
     batch_size: int,
     aligned: bool = False,
     warp: str = ijb.DEFAULT_WARP,
+    progress_bar: bool = True,
 ) -> BenchmarkResult:
   """IJB-B/C 1:1 verification (see `synthdistill_jax.ijb`).
 
@@ -325,6 +338,7 @@ def evaluate_ijb(
     batch_size: images per batch.
     aligned: images are aligned 112x112 faces already.
     warp: alignment kernel, 'opencv4' or 'opencv5' (`ijb.warp_affine`).
+    progress_bar: show images, templates and pairs as they are done.
 
   Returns:
     A `BenchmarkResult` with `tar_far_1e-6` ... `tar_far_1e-1`, `auc` and
@@ -346,6 +360,7 @@ def evaluate_ijb(
       batch_size=batch_size,
       aligned=aligned,
       warp=warp,
+      progress_bar=progress_bar,
   )
   metrics = {far_key(f): t for f, t in out["tar_at_far"].items()}
   metrics["auc"] = out["auc"]
@@ -383,11 +398,12 @@ class _Inputs:
   ijb_meta: ijb.IJBMeta | None
 
 
-def read_inputs(evals_config) -> _Inputs:
+def read_inputs(evals_config, progress_bar: bool = False) -> _Inputs:
   """Reads and validates every benchmark file before any model runs.
 
   Args:
     evals_config: see `default_evals_config`.
+    progress_bar: show the images of each `.bin` being checked.
 
   Returns:
     The validated bins and IJB meta files.
@@ -395,7 +411,10 @@ def read_inputs(evals_config) -> _Inputs:
   Raises:
     BinFormatError, IJBFormatError: one-line messages naming the file.
   """
-  bins = [verification_bin.read_bin(p) for p in _bin_paths(evals_config)]
+  bins = [
+      verification_bin.read_bin(p, progress_bar=progress_bar)
+      for p in _bin_paths(evals_config)
+  ]
   names = [b.name for b in bins]
   if len(set(names)) != len(names):
     raise ValueError(f"two bins share a name: {names}")
@@ -418,7 +437,11 @@ def read_inputs(evals_config) -> _Inputs:
 
 
 def evaluate_all(
-    evals_config, module, variables, inputs: _Inputs | None = None
+    evals_config,
+    module,
+    variables,
+    inputs: _Inputs | None = None,
+    progress_bar: bool = True,
 ) -> list[BenchmarkResult]:
   """Runs every configured benchmark.
 
@@ -427,6 +450,7 @@ def evaluate_all(
     module: Flax face model.
     variables: its variables.
     inputs: pre-validated inputs (`read_inputs`); read here when None.
+    progress_bar: progress per benchmark (see `synthdistill_jax.progress`).
 
   Returns:
     One `BenchmarkResult` per benchmark, bins first.
@@ -434,7 +458,9 @@ def evaluate_all(
   inputs = inputs or read_inputs(evals_config)
   batch_size = int(evals_config.batch_size)
   embed = create_embedder(module, variables, batch_size)
-  results = [evaluate_bin(b, embed, batch_size) for b in inputs.bins]
+  results = [
+      evaluate_bin(b, embed, batch_size, progress_bar) for b in inputs.bins
+  ]
   if inputs.ijb_meta is not None:
     cfg = evals_config.ijb
     results.append(
@@ -446,6 +472,7 @@ def evaluate_all(
             batch_size,
             bool(cfg.get("aligned", False)),
             cfg.get("warp", ijb.DEFAULT_WARP),
+            progress_bar,
         )
     )
   return results
@@ -459,7 +486,7 @@ def flatten_metrics(results: Iterable[BenchmarkResult]) -> dict[str, float]:
 
 
 def run_evaluators(
-    evals_config, module, variables, *, output_dir=None
+    evals_config, module, variables, *, output_dir=None, progress_bar=True
 ) -> dict[str, float]:
   """The trainer's hook: runs the configured benchmarks on a model.
 
@@ -469,6 +496,8 @@ def run_evaluators(
     module: Flax face model (`apply(variables, x, train=False)`).
     variables: its variables.
     output_dir: if given, also write the report and ROC plots there.
+    progress_bar: progress per benchmark (the trainer passes its
+      `config.progress_bar`).
 
   Returns:
     Flat metrics such as `{'lfw/accuracy': ..., 'lfw/val': ...}`; empty when
@@ -477,7 +506,7 @@ def run_evaluators(
   inputs = read_inputs(evals_config)
   if not inputs.bins and inputs.ijb_meta is None:
     return {}
-  results = evaluate_all(evals_config, module, variables, inputs)
+  results = evaluate_all(evals_config, module, variables, inputs, progress_bar)
   if output_dir is not None:
     write_report(output_dir, results)
   return flatten_metrics(results)
@@ -824,6 +853,7 @@ def define_flags() -> None:
   )
   flags.DEFINE_integer("batch_size", 64, "Images per device call.")
   flags.DEFINE_string("output", None, "Report folder (default MODEL/eval).")
+  progress.define_flag()
 
 
 def _resolve_paths() -> tuple[pathlib.Path, pathlib.Path]:
@@ -955,14 +985,16 @@ def main(argv: list[str]) -> None:
     _check_flags()
     model_path, output = _resolve_paths()
     config = _evals_config_from_flags()
-    inputs = read_inputs(config)
+    inputs = read_inputs(config, progress_bar=FLAGS.progress)
     if not inputs.bins and inputs.ijb_meta is None:
       raise ValueError("nothing to evaluate: give --bins and/or --ijb_meta_dir")
     module, variables = load_model(model_path, FLAGS.arch)
   except _USER_ERRORS as e:
     _fail(e)
   try:
-    results = evaluate_all(config, module, variables, inputs)
+    results = evaluate_all(
+        config, module, variables, inputs, progress_bar=FLAGS.progress
+    )
   except _RUN_ERRORS as e:
     _fail(e)
   write_report(

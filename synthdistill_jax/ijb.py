@@ -32,7 +32,12 @@ import numpy as np
 from PIL import Image
 from PIL import ImageOps
 
+from synthdistill_jax import progress
+
 FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+# Pairs scored per step: IJB-C's 15.7M pairs at once would need two
+# [P, D] float64 gathers (over 100 GB at D=512).
+_PAIR_CHUNK = 1 << 16
 IMAGE_SIZE = 112
 
 # ArcFace 112x112 landmark template (x, y): eyes, nose, mouth corners.
@@ -408,7 +413,10 @@ def iterate_faces(
 
 
 def pool_templates(
-    features: np.ndarray, templates: np.ndarray, medias: np.ndarray
+    features: np.ndarray,
+    templates: np.ndarray,
+    medias: np.ndarray,
+    progress_bar: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Media-average, template-sum, then L2 normalisation (`image2template`).
 
@@ -416,13 +424,17 @@ def pool_templates(
     features: [N, D] per-image features (already score-weighted).
     templates: [N] template ids.
     medias: [N] media ids.
+    progress_bar: show the templates pooled (`synthdistill_jax.progress`).
 
   Returns:
     `(template_features [T, D] float64 normalised, unique_templates [T])`.
   """
   unique_templates = np.unique(templates)
   pooled = np.zeros((len(unique_templates), features.shape[1]))
-  for t, template in enumerate(unique_templates):
+  bar = progress.create(
+      unique_templates, desc="IJB templates", unit="tpl", enabled=progress_bar
+  )
+  for t, template in enumerate(bar):
     (rows,) = np.nonzero(templates == template)
     feats, media = features[rows], medias[rows]
     per_media = [np.mean(feats[media == m], axis=0) for m in np.unique(media)]
@@ -505,6 +517,7 @@ def evaluate(
     batch_size: int = 64,
     aligned: bool = False,
     warp: str = DEFAULT_WARP,
+    progress_bar: bool = True,
 ) -> dict:
   """Runs the 1:1 protocol.
 
@@ -515,18 +528,37 @@ def evaluate(
     batch_size: images per batch.
     aligned: images are aligned 112x112 faces already.
     warp: the `warp_affine` kernel, `'opencv4'` or `'opencv5'`.
+    progress_bar: show images, templates and pairs as they are done.
 
   Returns:
     `{'tar_at_far': {far: tar}, 'fpr', 'tpr', 'scores', 'auc'}`.
   """
   if warp not in WARPS:
     raise ValueError(f"warp must be one of {', '.join(WARPS)}, got {warp!r}")
-  faces = iterate_faces(meta, image_dir, batch_size, aligned, warp)
+  faces = progress.count_batches(
+      iterate_faces(meta, image_dir, batch_size, aligned, warp),
+      total=len(meta.images),
+      desc="IJB images",
+      enabled=progress_bar,
+  )
   emb, emb_flip = embed(faces)
   feats = np.asarray(emb, np.float32) + np.asarray(emb_flip, np.float32)
   feats = feats * meta.scores[:, None]
-  template_feats, unique = pool_templates(feats, meta.templates, meta.medias)
-  scores = score_pairs(template_feats, unique, meta.pairs)
+  template_feats, unique = pool_templates(
+      feats, meta.templates, meta.medias, progress_bar
+  )
+  scores = []
+  with progress.create(
+      total=len(meta.pairs),
+      desc="IJB pairs",
+      unit="pair",
+      enabled=progress_bar,
+  ) as bar:
+    for start in range(0, len(meta.pairs), _PAIR_CHUNK):
+      chunk = meta.pairs[start : start + _PAIR_CHUNK]
+      scores.append(score_pairs(template_feats, unique, chunk))
+      bar.update(len(chunk))
+  scores = np.concatenate(scores)
   fpr, tpr, _ = roc_curve(meta.labels, scores)
   return {
       "tar_at_far": tar_at_far(fpr, tpr),

@@ -25,6 +25,8 @@ from synthdistill_jax import checkpoints
 from synthdistill_jax import distill
 from synthdistill_jax import experiment
 from synthdistill_jax import metrics_io
+from synthdistill_jax import progress
+from synthdistill_jax import report
 from synthdistill_jax import sharding
 
 ConfigError = experiment.ConfigError
@@ -199,7 +201,19 @@ def _epoch_end(run: _Run, state, step: int, epoch: int) -> dict:
     )
     run.writer.write(step, "evals", results)
     run.log(f"epoch {epoch}: {_format(results)}")
+  report.write_run_report(run.workdir, config, _report_info(run, step))
   return dict(val, step=step)
+
+
+def _report_info(run: _Run, step: int, **extra) -> dict:
+  """Facts for `report.write_run_report` that the metrics do not hold."""
+  return dict(
+      step=step,
+      devices=run.exp.mesh.size,
+      processes=jax.process_count(),
+      weights=run.exp.weights,
+      **extra,
+  )
 
 
 def _save(run: _Run, state, step: int) -> None:
@@ -319,6 +333,15 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
     manager.wait_until_finished()
     manager.close()
     writer.close()
+  report.write_run_report(
+      workdir,
+      config,
+      _report_info(
+          run,
+          int(jax.device_get(result.state.step)),
+          preempted=result.preempted,
+      ),
+  )
   log(
       f"checkpoints: {workdir / 'checkpoints'}\n"
       f"student model: {workdir / 'student'}\n"
@@ -340,12 +363,13 @@ def _loop(run: _Run, state) -> TrainResult:
   images_per_step = sched.batch_size * distill.UPDATES_PER_ITERATION
   multi = jax.process_count() > 1
   result = TrainResult(state=state, validation=[])
-  bar = tqdm.tqdm(
+  # A bar on a terminal, periodic lines in a log file (process 0 only).
+  bar = progress.create(
       total=total,
       initial=step,
+      desc="training",
       unit="it",
-      dynamic_ncols=True,
-      disable=not (config.progress_bar and jax.process_index() == 0),
+      enabled=config.progress_bar,
   )
   if step == 0 and sched.val_batches:
     # The starting point of the held-out curve.

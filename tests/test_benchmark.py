@@ -137,6 +137,10 @@ def test_cli_on_the_demo_config_writes_table_and_json(tmp_path):
       command, cwd=ROOT, capture_output=True, text=True, check=False
   )
   assert result.returncode == 0, result.stderr[-3000:]
+  # Progress over the stages: whole lines in a pipe, no bar fragments.
+  assert "benchmark demo: 5/5 (100%)" in result.stderr
+  assert "benchmark demo: face crop done in" in result.stderr
+  assert "\r" not in result.stderr
   record = json.loads(output.read_text())
   (run,) = record["runs"]
   assert run["num_devices"] == jax.device_count()

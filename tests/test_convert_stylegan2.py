@@ -302,6 +302,8 @@ def test_tool_round_trip(tmp_path):
   )
   assert result.returncode == 0, result.stderr
   assert "num_ws 10" in result.stdout
+  for phase in ("reading", "converting", "saving"):
+    assert f"convert g.pkl: {phase} done in" in result.stderr
   arrays = golden.load_arrays(case)
   np.savez(tmp_path / "in.npz", z=arrays["z"])
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))

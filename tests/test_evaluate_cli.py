@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import pickle
+import re
 import subprocess
 import sys
 
@@ -134,7 +135,7 @@ def test_embedder_pads_flips_and_shards():
   assert np.abs(flip - emb).max() > 1e-3 * scale  # The flip is not a no-op.
 
 
-def test_run_evaluators_trainer_hook(tmp_path):
+def test_run_evaluators_trainer_hook(tmp_path, capsys):
   module, variables = create_tiny_model()
   config = evaluate.default_evals_config()
   assert evaluate.run_evaluators(config, module, variables) == {}
@@ -143,6 +144,11 @@ def test_run_evaluators_trainer_hook(tmp_path):
   config.bins = [str(tmp_path / "mini.bin")]
   config.batch_size = 16
   metrics = evaluate.run_evaluators(config, module, variables)
+  assert "mini: embedding: 80/80 (100%)" in capsys.readouterr().err
+  assert evaluate.run_evaluators(
+      config, module, variables, progress_bar=False
+  ) == pytest.approx(metrics)
+  assert not capsys.readouterr().err  # The trainer's progress_bar=False.
   assert set(metrics) == {
       f"mini/{k}"
       for k in (
@@ -216,6 +222,13 @@ def test_cli_workdir_report_matches_direct_computation(tmp_path):
       "--batch_size=64",
   )
   assert result.returncode == 0, result.stderr[-3000:]
+  for step in ("checking images", "embedding"):
+    assert re.search(
+        rf"^toy: {step}: 400/400 \(100%\) \[\d\d:\d\d<00:00, .*img/s\]$",
+        result.stderr,
+        re.M,
+    ), result.stderr
+  assert "\r" not in result.stderr
   out = tmp_path / "run" / "eval"
   report = json.loads((out / "report.json").read_text())
   got = report["benchmarks"]["toy"]

@@ -401,7 +401,7 @@ def _direct_tar(meta, image_dir, module, variables):
   return _brute_force_tar(meta.labels, scores, ijb.FAR_TARGETS), scores
 
 
-def test_ijb_protocol_matches_direct_computation(tmp_path):
+def test_ijb_protocol_matches_direct_computation(tmp_path, capsys):
   meta_dir, image_dir = _write_ijb(tmp_path)
   module, variables = helpers.create_tiny_model()
   config = evaluate.default_evals_config()
@@ -411,7 +411,15 @@ def test_ijb_protocol_matches_direct_computation(tmp_path):
   config.ijb.name = "toy"
   out = tmp_path / "eval"
   metrics = evaluate.run_evaluators(config, module, variables, output_dir=out)
+  # Images, templates and pairs each end with a progress line (not a tty).
   meta = ijb.read_meta(meta_dir, "toy")
+  err = capsys.readouterr().err
+  for what, count in (
+      ("images", len(meta.images)),
+      ("templates", len(set(meta.templates.tolist()))),
+      ("pairs", len(meta.pairs)),
+  ):
+    assert f"IJB {what}: {count}/{count} (100%)" in err, err
   want, scores = _direct_tar(meta, image_dir, module, variables)
   for far, tar in want.items():
     assert metrics[f"toy/{evaluate.far_key(far)}"] == pytest.approx(tar)

@@ -142,6 +142,9 @@ def test_static_dataset_tool_and_static_sampler(tmp_path):
   )
   assert out.returncode == 0, out.stderr
   assert "wrote 20 examples" in out.stdout
+  # Progress as whole lines in a pipe, TFDS's own bars off.
+  assert "static set: 20/20 (100%)" in out.stderr
+  assert "\r" not in out.stderr
   ds = static_dataset.StaticDataset(tmp_path / "static")
   (stored,) = ds.batches(20, seed=0, epoch=0)
   order = np.argsort(stored["index"])

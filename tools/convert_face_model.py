@@ -28,6 +28,7 @@ import os
 import sys
 
 from synthdistill_jax import models
+from synthdistill_jax import progress
 from synthdistill_jax import safe_pickle
 from synthdistill_jax.convert import face
 
@@ -81,6 +82,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
       default=None,
       help="compute dtype saved in model.json (float32, bfloat16)",
   )
+  progress.add_argument(parser)
   args = parser.parse_args(argv)
   if not args.output and not args.summary:
     parser.error("give --output DIR, --summary, or both")
@@ -159,21 +161,37 @@ def convert(args: argparse.Namespace) -> None:
       os.path.join(args.output, models.registry.MODEL_JSON)
   ):
     raise FileExistsError(f"{args.output}: already holds a model")
-  _, variables = face.load_face_model(
-      args.input, args.arch, allow_nonfinite=args.allow_nonfinite, **kwargs
+  names = ("reading and converting",) + (
+      ("checksum", "saving") if args.output else ()
   )
+  with progress.phases(
+      f"convert {os.path.basename(args.input)}",
+      names,
+      enabled=args.progress,
+  ) as phase:
+    with phase(names[0]):
+      _, variables = face.load_face_model(
+          args.input,
+          args.arch,
+          allow_nonfinite=args.allow_nonfinite,
+          **kwargs,
+      )
+    if args.output:
+      with phase("checksum"):
+        digest = sha256(args.input)
+      with phase("saving"):
+        metadata = {
+            "source": os.path.abspath(args.input),
+            "sha256": digest,
+            "converted_by": "tools/convert_face_model.py",
+        }
+        if args.allow_nonfinite:
+          metadata[models.registry.ALLOW_NONFINITE] = True
+        path = models.save(args.output, args.arch, kwargs, variables, metadata)
   if args.summary:
     counts, frozen = count_parameters(args.arch, variables, kwargs)
     print(format_summary(args.arch, counts, frozen, kwargs))
   if args.output:
-    metadata = {
-        "source": os.path.abspath(args.input),
-        "sha256": sha256(args.input),
-        "converted_by": "tools/convert_face_model.py",
-    }
-    if args.allow_nonfinite:
-      metadata[models.registry.ALLOW_NONFINITE] = True
-    path = models.save(args.output, args.arch, kwargs, variables, metadata)
     print(f"wrote {path}")
 
 

@@ -18,6 +18,7 @@ import pathlib
 import sys
 
 from synthdistill_jax import models
+from synthdistill_jax import progress
 from synthdistill_jax import safe_pickle
 from synthdistill_jax.convert import stylegan2 as convert_stylegan2
 
@@ -37,6 +38,7 @@ def parse_args(argv):
       action="store_true",
       help="convert tensors holding NaN/Inf instead of refusing them",
   )
+  progress.add_argument(parser)
   return parser.parse_args(argv)
 
 
@@ -45,6 +47,7 @@ def convert(
     output: str,
     config: str | None = None,
     allow_nonfinite: bool = False,
+    progress_bar: bool = True,
 ) -> str:
   """Converts one checkpoint.
 
@@ -54,28 +57,38 @@ def convert(
     config: JSON file of generator kwargs (state dicts only).
     allow_nonfinite: keep NaN/Inf tensors (recorded in `model.json`, so that
       `models.load` reads them back) instead of refusing them.
+    progress_bar: show the phases (reading, converting, saving).
 
   Returns:
     A one-line summary of what was written.
   """
   if pathlib.Path(output, models.registry.MODEL_JSON).exists():
     raise convert_stylegan2.ConversionError(f"{output}: already holds a model")
-  kwargs, state, metadata = convert_stylegan2.read_checkpoint(
-      input_path, config
-  )
-  try:
-    module = models.create_model("stylegan2", **kwargs)
-  except (TypeError, ValueError) as e:
-    raise convert_stylegan2.ConversionError(
-        f"{input_path}: bad generator config ({e})"
-    ) from None
-  variables = convert_stylegan2.state_dict_to_variables(
-      state, module, input_path, allow_nonfinite=allow_nonfinite
-  )
-  metadata = dict(metadata, source=str(pathlib.Path(input_path).name))
-  if allow_nonfinite:
-    metadata[models.registry.ALLOW_NONFINITE] = True
-  models.save(output, "stylegan2", kwargs, variables, metadata)
+  name = pathlib.Path(input_path).name
+  with progress.phases(
+      f"convert {name}",
+      ("reading", "converting", "saving"),
+      enabled=progress_bar,
+  ) as phase:
+    with phase("reading"):
+      kwargs, state, metadata = convert_stylegan2.read_checkpoint(
+          input_path, config
+      )
+    with phase("converting"):
+      try:
+        module = models.create_model("stylegan2", **kwargs)
+      except (TypeError, ValueError) as e:
+        raise convert_stylegan2.ConversionError(
+            f"{input_path}: bad generator config ({e})"
+        ) from None
+      variables = convert_stylegan2.state_dict_to_variables(
+          state, module, input_path, allow_nonfinite=allow_nonfinite
+      )
+    with phase("saving"):
+      metadata = dict(metadata, source=name)
+      if allow_nonfinite:
+        metadata[models.registry.ALLOW_NONFINITE] = True
+      models.save(output, "stylegan2", kwargs, variables, metadata)
   defaults = metadata.get("defaults_used") or {}
   note = f"; writer defaults used: {json.dumps(defaults)}" if defaults else ""
   return (
@@ -88,7 +101,15 @@ def main(argv=None) -> int:
   """Entry point; returns the exit status."""
   args = parse_args(argv)
   try:
-    print(convert(args.input, args.output, args.config, args.allow_nonfinite))
+    print(
+        convert(
+            args.input,
+            args.output,
+            args.config,
+            args.allow_nonfinite,
+            args.progress,
+        )
+    )
   except (
       convert_stylegan2.ConversionError,
       safe_pickle.UnsafePickleError,

@@ -18,25 +18,37 @@ from absl import flags
 from ml_collections import config_flags
 
 from synthdistill_jax import experiment
+from synthdistill_jax import progress
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 flags.DEFINE_string("output", None, "TFDS data directory to write.")
 flags.DEFINE_integer("num_examples", 4096, "How many faces to write.")
 flags.DEFINE_integer("seed", 0, "Seed of the static set's latents.")
+progress.define_flag()
 
 
 def main(argv) -> None:
   del argv
   from synthdistill_jax.data import static_dataset  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  # TFDS's own bars would write fragments into a log; ours counts the faces.
+  tfds.display_progress_bar(False)
 
   config = FLAGS.config
   if not FLAGS.output:
     print("error: --output is required", file=sys.stderr)
     sys.exit(1)
   try:
-    examples = static_dataset.render_examples(
-        config, FLAGS.num_examples, FLAGS.seed
+    examples = progress.count_batches(
+        static_dataset.render_examples(config, FLAGS.num_examples, FLAGS.seed),
+        total=FLAGS.num_examples,
+        desc="static set",
+        unit="face",
+        enabled=FLAGS.progress,
+        size=lambda batch: len(batch["w"]),
+        tick=True,  # The first batch waits for the compiles.
     )
     first = next(examples)
     stream = _chain(first, examples)

@@ -24,6 +24,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from synthdistill_jax import progress
 from synthdistill_jax import safe_pickle
 
 IMAGE_SIZE = 112
@@ -141,7 +142,10 @@ def _check_structure(obj, path: str) -> tuple[tuple[bytes, ...], np.ndarray]:
 
 
 def read_bin(
-    path: str | os.PathLike, *, validate_images: bool = True
+    path: str | os.PathLike,
+    *,
+    validate_images: bool = True,
+    progress_bar: bool = False,
 ) -> VerificationBin:
   """Reads and validates a verification `.bin` without running anything in it.
 
@@ -149,6 +153,7 @@ def read_bin(
     path: the `.bin` file.
     validate_images: decode every image once to check it (recommended: a
       broken file then fails here, before any model runs).
+    progress_bar: show the images being checked (`synthdistill_jax.progress`).
 
   Returns:
     A `VerificationBin`.
@@ -170,8 +175,16 @@ def read_bin(
     ) from None
   images, issame = _check_structure(obj, path)
   if validate_images:
-    for i, data in enumerate(images):
-      decode_image(data, path, i)
+    checked = progress.create(
+        images,
+        total=len(images),
+        desc=f"{pathlib.Path(path).stem}: checking images",
+        unit="img",
+        enabled=progress_bar,
+    )
+    with checked:
+      for i, data in enumerate(checked):
+        decode_image(data, path, i)
   return VerificationBin(
       path=path, name=pathlib.Path(path).stem, images=images, issame=issame
   )
