@@ -29,9 +29,10 @@ What appears depends on where the output goes (`mode`):
 * 'log': stderr is a file or a pipe: a plain line such as
   `lfw: embedding: 3000/12000 (25%) [00:30<01:30, 100.00img/s]` every
   `log_every_s` seconds (default: every 10 s in the first minute, then every
-  minute) and one when the job ends (and, for phases, one per finished
-  phase); never a bar fragment. A job that fails prints no closing line, so
-  an error message stays the last (often the only) line.
+  minute) and, for a job that printed any, one when it ends (and, for
+  phases, one per finished phase); never a bar fragment. A job shorter than
+  one interval, or one that fails, prints no closing line, so an error
+  message stays the last (often the only) line.
 * 'off': `enabled=False` (the `--progress=false` flag, the config's
   `progress_bar`) or a process other than the primary: nothing at all.
 
@@ -40,6 +41,7 @@ clock keeps moving on a terminal and the log gets a line per interval.
 """
 
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -47,9 +49,21 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import tqdm
 
-# Lines in 'log' mode: every 10 s during the first minute, then every minute.
+# Lines in 'log' mode: every 10 s during the first minute, then every minute;
+# a fixed interval (seconds) from this environment variable if it is set.
 _FIRST_MINUTE_EVERY_S = 10.0
 _LATER_EVERY_S = 60.0
+EVERY_S_ENV = "SYNTHDISTILL_PROGRESS_EVERY_S"
+
+
+def log_interval(elapsed: float) -> float:
+  """Seconds between log lines after `elapsed` seconds (see above)."""
+  fixed = os.environ.get(EVERY_S_ENV)
+  if fixed:
+    return float(fixed)
+  return _FIRST_MINUTE_EVERY_S if elapsed < 60.0 else _LATER_EVERY_S
+
+
 # The format of a log line (tqdm's fields, no bar).
 LOG_FORMAT = (
     "{desc}: {n_fmt}/{total_fmt} ({percentage:.0f}%)"
@@ -116,7 +130,7 @@ class LogBar(tqdm.tqdm):
   def _interval(self, elapsed: float) -> float:
     if self._log_every_s is not None:
       return self._log_every_s
-    return _FIRST_MINUTE_EVERY_S if elapsed < 60.0 else _LATER_EVERY_S
+    return log_interval(elapsed)
 
   def display(self, msg=None, pos=None):
     """Prints a line when due: every interval, and at a successful close."""
@@ -125,6 +139,10 @@ class LogBar(tqdm.tqdm):
     if start is None or self._quiet:
       return True  # tqdm's first display, from `__init__`: nothing done yet.
     now = time.time()
+    if self.disable and self._last_line_t is None:
+      # A job done within its first interval says nothing in a log: short
+      # checks stay silent, so an error after them is the only line.
+      return True
     if not self.disable:  # `close()` sets `disable` before its last display.
       if self.total is not None and self.n >= self.total:
         return True  # The closing line reports the end.
@@ -295,6 +313,9 @@ class Phases:
       stream=None,
   ):
     self.seconds: dict[str, float] = {}
+    self._line_after_s = (
+        log_interval(0.0) if log_every_s is None else log_every_s
+    )
     self._desc = desc
     self._how = mode(enabled, stream)
     self._stream = stream
@@ -314,8 +335,9 @@ class Phases:
     start = time.perf_counter()
     yield
     self.seconds[name] = time.perf_counter() - start
-    if self._how == "log":
-      # The end of a phase is worth a line in a log whatever the interval.
+    if self._how == "log" and self.seconds[name] >= self._line_after_s:
+      # The end of a long phase is worth a line whatever the interval; a
+      # phase quicker than one interval says nothing (as a short job).
       print(
           f"{self._desc}: {name} done in {self.seconds[name]:.1f} s",
           file=self._stream or sys.stderr,

@@ -4,6 +4,7 @@ No test asserts a time: the machine is shared and timings are noisy.
 """
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -133,8 +134,10 @@ def test_cli_on_the_demo_config_writes_table_and_json(tmp_path):
       "--peak_size=256",
       f"--output={output}",
   ]
+  # A log line for every progress update, however quick (not a terminal).
+  env = dict(os.environ, SYNTHDISTILL_PROGRESS_EVERY_S="0")
   result = subprocess.run(
-      command, cwd=ROOT, capture_output=True, text=True, check=False
+      command, cwd=ROOT, capture_output=True, text=True, check=False, env=env
   )
   assert result.returncode == 0, result.stderr[-3000:]
   # Progress over the stages: whole lines in a pipe, no bar fragments.

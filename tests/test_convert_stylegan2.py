@@ -299,6 +299,8 @@ def test_tool_round_trip(tmp_path):
       capture_output=True,
       text=True,
       check=False,
+      # A log line for every phase, however quick (not a terminal).
+      env=dict(os.environ, SYNTHDISTILL_PROGRESS_EVERY_S="0"),
   )
   assert result.returncode == 0, result.stderr
   assert "num_ws 10" in result.stdout

@@ -135,7 +135,9 @@ def test_embedder_pads_flips_and_shards():
   assert np.abs(flip - emb).max() > 1e-3 * scale  # The flip is not a no-op.
 
 
-def test_run_evaluators_trainer_hook(tmp_path, capsys):
+def test_run_evaluators_trainer_hook(tmp_path, capsys, monkeypatch):
+  # A log line for every progress update, however quick (not a terminal).
+  monkeypatch.setenv("SYNTHDISTILL_PROGRESS_EVERY_S", "0")
   module, variables = create_tiny_model()
   config = evaluate.default_evals_config()
   assert evaluate.run_evaluators(config, module, variables) == {}

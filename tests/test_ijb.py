@@ -401,7 +401,9 @@ def _direct_tar(meta, image_dir, module, variables):
   return _brute_force_tar(meta.labels, scores, ijb.FAR_TARGETS), scores
 
 
-def test_ijb_protocol_matches_direct_computation(tmp_path, capsys):
+def test_ijb_protocol_matches_direct_computation(tmp_path, capsys, monkeypatch):
+  # A log line for every progress update, however quick (not a terminal).
+  monkeypatch.setenv("SYNTHDISTILL_PROGRESS_EVERY_S", "0")
   meta_dir, image_dir = _write_ijb(tmp_path)
   module, variables = helpers.create_tiny_model()
   config = evaluate.default_evals_config()

@@ -78,10 +78,10 @@ def test_two_processes_match_one_process(tmp_path):
   single_evals = metrics_io.read_metrics(tmp_path / "single", "evals")
   assert [r["step"] for r in multi_evals] == [STEPS, 2 * STEPS]
   assert [r["step"] for r in single_evals] == [STEPS, 2 * STEPS]
-  for multi, single in zip(multi_evals, single_evals):
-    assert multi.keys() == single.keys()
-    assert multi["toy/accuracy"] == single["toy/accuracy"]
-    np.testing.assert_allclose(multi["toy/xnorm"], single["toy/xnorm"], 1e-4)
+  for got, want in zip(multi_evals, single_evals):
+    assert got.keys() == want.keys()
+    assert got["toy/accuracy"] == want["toy/accuracy"]
+    np.testing.assert_allclose(got["toy/xnorm"], want["toy/xnorm"], 1e-4)
   _, variables = models.load(tmp_path / "multi" / "student")
   test_train.assert_params_close(
       jax.tree.leaves(variables["params"]), test_train.final_params(single)

@@ -134,7 +134,7 @@ def test_static_dataset_tool_and_static_sampler(tmp_path):
           "--num_examples=20",
       ],
       cwd=ROOT,
-      env=dict(os.environ, XLA_FLAGS=""),
+      env=dict(os.environ, XLA_FLAGS="", SYNTHDISTILL_PROGRESS_EVERY_S="0"),
       capture_output=True,
       text=True,
       timeout=600,
