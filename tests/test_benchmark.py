@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from synthdistill_jax import benchmark
+from synthdistill_jax.benchmark import report
+from synthdistill_jax.benchmark import timing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STAGES = (
@@ -26,14 +27,14 @@ STAGES = (
 
 
 def test_look_up_datasheet_matches_device_kinds():
-  h100 = benchmark.look_up_datasheet("NVIDIA H100 80GB HBM3", "bfloat16")
+  h100 = timing.look_up_datasheet("NVIDIA H100 80GB HBM3", "bfloat16")
   assert h100 == pytest.approx(989.4e12)
-  pcie = benchmark.look_up_datasheet("NVIDIA H100 PCIe", "bfloat16")
+  pcie = timing.look_up_datasheet("NVIDIA H100 PCIe", "bfloat16")
   assert pcie == pytest.approx(756e12)
-  assert benchmark.look_up_datasheet("TPU v5 lite", "bfloat16") == 197e12
-  assert benchmark.look_up_datasheet("TPU v5p", "bfloat16") == 459e12
-  assert benchmark.look_up_datasheet("TPU v4", "float32") is None
-  assert benchmark.look_up_datasheet("cpu", "float32") is None
+  assert timing.look_up_datasheet("TPU v5 lite", "bfloat16") == 197e12
+  assert timing.look_up_datasheet("TPU v5p", "bfloat16") == 459e12
+  assert timing.look_up_datasheet("TPU v4", "float32") is None
+  assert timing.look_up_datasheet("cpu", "float32") is None
 
 
 @pytest.mark.devices(8)
@@ -41,7 +42,7 @@ def test_read_flops_counts_a_matmul_over_all_devices():
   a = jnp.ones((64, 32), jnp.float32)
   b = jnp.ones((32, 16), jnp.float32)
   compiled = jax.jit(jnp.matmul).lower(a, b).compile()
-  assert benchmark.read_flops(compiled) == 2 * 64 * 32 * 16
+  assert timing.read_flops(compiled) == 2 * 64 * 32 * 16
   # Sharded over the 8 simulated devices, the per-device count is summed.
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
   sharding = jax.sharding.NamedSharding(
@@ -49,8 +50,8 @@ def test_read_flops_counts_a_matmul_over_all_devices():
   )
   a = jax.device_put(a, sharding)
   compiled = jax.jit(jnp.matmul).lower(a, b).compile()
-  assert benchmark.count_devices(compiled) == jax.device_count()
-  assert benchmark.read_flops(compiled) == 2 * 64 * 32 * 16
+  assert timing.count_devices(compiled) == jax.device_count()
+  assert timing.read_flops(compiled) == 2 * 64 * 32 * 16
 
 
 def test_time_stage_threads_the_carried_state():
@@ -60,31 +61,31 @@ def test_time_stage_threads_the_carried_state():
     calls.append(None)  # Traced once: AOT compilation, no retracing.
     return state + increment, jnp.sum(state)
 
-  stage = benchmark.Stage(
+  stage = timing.Stage(
       "toy", jax.jit(step), (jnp.zeros(4), jnp.ones(4)), images=4, carry=True
   )
-  timing, out = benchmark.time_stage(stage, warmup=1, iters=3)
+  record, out = timing.time_stage(stage, warmup=1, iters=3)
   assert len(calls) == 1
   # 1 warm-up + 3 timed calls, each adding one to the carried state.
   assert jnp.all(out[0] == 4.0)
-  assert len(timing["seconds_all"]) == 3
-  assert timing["images_per_s"] > 0
-  assert timing["flops_per_call"] >= 0
-  assert timing["compile_s"] > 0
-  assert set(timing["memory"]) >= {"argument_bytes", "temp_bytes"}
+  assert len(record["seconds_all"]) == 3
+  assert record["images_per_s"] > 0
+  assert record["flops_per_call"] >= 0
+  assert record["compile_s"] > 0
+  assert set(record["memory"]) >= {"argument_bytes", "temp_bytes"}
 
 
 def test_time_stage_writes_a_profiler_trace(tmp_path):
-  stage = benchmark.Stage(
+  stage = timing.Stage(
       "toy", jax.jit(jnp.sin), (jnp.zeros((64, 64)),), images=64
   )
-  benchmark.time_stage(stage, warmup=1, iters=2, profile_dir=str(tmp_path))
+  timing.time_stage(stage, warmup=1, iters=2, profile_dir=str(tmp_path))
   traces = list(tmp_path.glob("**/*.xplane.pb"))
   assert len(traces) == 1 and traces[0].stat().st_size > 0
 
 
 def test_measure_peak_reports_matmul_flops():
-  peak = benchmark.measure_peak("float32", 128, warmup=1, iters=2)
+  peak = timing.measure_peak("float32", 128, warmup=1, iters=2)
   assert peak["flops_per_s"] > 0
   assert peak["cost_analysis_flops"] == 2 * 128**3
 
@@ -94,22 +95,22 @@ def test_compare_reports_ratios_and_the_config_difference():
 
   first = ml_collections.ConfigDict({"generator": {"dtype": "float32"}})
   second = ml_collections.ConfigDict({"generator": {"dtype": "bfloat16"}})
-  diff = benchmark.diff_configs(first, second)
+  diff = report.diff_configs(first, second)
   assert diff == {"generator.dtype": ["float32", "bfloat16"]}
 
   def run(images_per_s, compile_s):
     stage = dict(images_per_s=images_per_s, compile_s=compile_s)
     return {"stages": {"teacher forward": dict(stage, flops_per_image=2.0)}}
 
-  ratios = benchmark.compare_results(run(10.0, 4.0), run(25.0, 2.0))
+  ratios = report.compare_results(run(10.0, 4.0), run(25.0, 2.0))
   assert ratios["teacher forward"]["images_per_s"] == pytest.approx(2.5)
   assert ratios["teacher forward"]["compile_s"] == pytest.approx(0.5)
-  text = benchmark.format_ratios(ratios, diff)
+  text = report.format_ratios(ratios, diff)
   assert "2.50x" in text and "generator.dtype" in text
 
 
 def test_read_peak_memory_is_positive():
-  memory = benchmark.read_peak_memory()
+  memory = timing.read_peak_memory()
   assert memory["peak_bytes"] > 0
   assert memory["source"]
 

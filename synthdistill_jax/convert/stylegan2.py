@@ -24,7 +24,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from synthdistill_jax import safe_pickle
 from synthdistill_jax.convert import nvidia_pickle
 from synthdistill_jax.convert import torch_io
 from synthdistill_jax.models import stylegan2

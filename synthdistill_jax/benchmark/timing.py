@@ -1,0 +1,210 @@
+"""The timing harness: compile ahead of time, warm up, time, read XLA's analyses.
+
+Also the datasheet peaks of known accelerators, for MFU against them.
+"""
+
+import dataclasses
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+# Dense datasheet peaks per JAX device in TFLOP/s, by compute dtype. Matched
+# against `device.device_kind` (lower case, first match wins, so the more
+# specific names come first). TPU v2/v3 expose one JAX device per core, later
+# generations one per chip.
+DATASHEET_TFLOPS = (
+    ("h100 pcie", {"bfloat16": 756.0, "float16": 756.0, "float32": 51.2}),
+    ("h100", {"bfloat16": 989.4, "float16": 989.4, "float32": 66.9}),
+    ("h200", {"bfloat16": 989.4, "float16": 989.4, "float32": 66.9}),
+    ("a100", {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5}),
+    ("l4", {"bfloat16": 121.0, "float16": 121.0, "float32": 30.3}),
+    ("v100", {"float16": 125.0, "float32": 15.7}),
+    ("tpu v6 lite", {"bfloat16": 918.0}),
+    ("tpu v5 lite", {"bfloat16": 197.0}),
+    ("tpu v5p", {"bfloat16": 459.0}),
+    ("tpu v5", {"bfloat16": 459.0}),
+    ("tpu v4", {"bfloat16": 275.0}),
+    ("tpu v3", {"bfloat16": 61.5}),
+    ("tpu v2", {"bfloat16": 22.5}),
+)
+
+
+@dataclasses.dataclass
+class Stage:
+  """One timed piece of work.
+
+  Attributes:
+    name: row label.
+    jitted: a `jax.jit` function (frozen weights are among its arguments).
+    args: its arguments (device arrays / pytrees).
+    images: images one call processes (for images/s and FLOPs per image).
+    carry: if True the first output replaces the first argument on the next
+      call (a training state threaded through the loop, as the trainer does).
+  """
+
+  name: str
+  jitted: Any
+  args: tuple[Any, ...]
+  images: int
+  carry: bool = False
+
+
+def look_up_datasheet(device_kind: str, dtype: str) -> float | None:
+  """Returns the datasheet peak (FLOP/s per device) or None if unknown.
+
+  Args:
+    device_kind: `jax.Device.device_kind`, e.g. 'NVIDIA H100 80GB HBM3'.
+    dtype: compute dtype name, e.g. 'bfloat16'.
+  """
+  kind = device_kind.lower()
+  for key, peaks in DATASHEET_TFLOPS:
+    if key in kind:
+      return peaks[dtype] * 1e12 if dtype in peaks else None
+  return None
+
+
+def read_flops(compiled) -> float:
+  """FLOPs of one call of a compiled executable, summed over its devices.
+
+  `cost_analysis()` returned a list with one dict per program in older jax
+  versions and a dict now; the count is per device for an SPMD program.
+
+  Args:
+    compiled: a `jax.stages.Compiled`.
+
+  Returns:
+    The FLOP count (0.0 when the backend reports none).
+  """
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  flops = float((analysis or {}).get("flops", 0.0))
+  return max(flops, 0.0) * count_devices(compiled)
+
+
+def count_devices(compiled) -> int:
+  """Number of devices an SPMD executable runs on."""
+  devices = set()
+  for sharding in jax.tree.leaves(compiled.output_shardings):
+    devices |= set(sharding.device_set)
+  return max(len(devices), 1)
+
+
+def read_memory_analysis(compiled) -> dict[str, int]:
+  """XLA's static buffer sizes of an executable (bytes per device)."""
+  stats = compiled.memory_analysis()
+  if isinstance(stats, (list, tuple)):
+    stats = stats[0] if stats else None
+  if stats is None:
+    return {}
+  names = ("argument", "output", "temp", "alias", "generated_code")
+  return {
+      f"{name}_bytes": int(getattr(stats, f"{name}_size_in_bytes", 0))
+      for name in names
+  }
+
+
+def read_peak_memory() -> dict[str, Any]:
+  """Peak memory so far: device stats where the backend has them, else RSS."""
+  device = jax.local_devices()[0]
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if stats and "peak_bytes_in_use" in stats:
+    return {
+        "source": "device.memory_stats",
+        "peak_bytes": int(stats["peak_bytes_in_use"]),
+        "bytes_limit": int(stats.get("bytes_limit", 0)),
+    }
+  # Linux reports ru_maxrss in KiB, macOS in bytes.
+  scale = 1 if sys.platform == "darwin" else 1024
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+  return {"source": "process max RSS", "peak_bytes": int(rss)}
+
+
+def time_stage(
+    stage: Stage, warmup: int, iters: int, profile_dir: str | None = None
+):
+  """Compiles a stage ahead of time, then times `iters` calls after `warmup`.
+
+  Args:
+    stage: what to run.
+    warmup: untimed calls (at least one, so caches and allocators are warm).
+    iters: timed calls; each is followed by `block_until_ready`.
+    profile_dir: if set, the timed calls run under `jax.profiler.trace` into
+      this folder (the timings then include the tracer's small overhead).
+
+  Returns:
+    `(record, last_output)`: timings (seconds), FLOPs, images/s and memory
+    figures; the output feeds the next stage.
+  """
+  start = time.perf_counter()
+  lowered = stage.jitted.lower(*stage.args)
+  trace_s = time.perf_counter() - start
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+  args = stage.args
+  times = []
+  warmup = max(warmup, 1)
+  for i in range(warmup + iters):
+    if profile_dir and i == warmup:
+      jax.profiler.start_trace(profile_dir)
+    start = time.perf_counter()
+    out = compiled(*args)
+    jax.block_until_ready(out)
+    if i >= warmup:
+      times.append(time.perf_counter() - start)
+    if stage.carry:
+      args = (out[0],) + tuple(args[1:])
+  if profile_dir:
+    jax.profiler.stop_trace()
+  seconds = statistics.median(times)
+  flops = read_flops(compiled)
+  n_devices = count_devices(compiled)
+  record = {
+      "images_per_call": stage.images,
+      "devices": n_devices,
+      "seconds_median": seconds,
+      "seconds_min": min(times),
+      "seconds_all": times,
+      "images_per_s": stage.images / seconds,
+      "images_per_s_per_device": stage.images / seconds / n_devices,
+      "trace_s": trace_s,
+      "compile_s": compile_s,
+      "flops_per_call": flops,
+      "flops_per_image": flops / stage.images,
+      "flops_per_s": flops / seconds,
+      "memory": read_memory_analysis(compiled),
+  }
+  return record, out
+
+
+def measure_peak(dtype: str, size: int, warmup: int, iters: int) -> dict:
+  """Times a square `size` matmul in `dtype` on one device: the MFU baseline.
+
+  Args:
+    dtype: compute dtype name.
+    size: matrix side; large enough to be compute-bound.
+    warmup: untimed calls.
+    iters: timed calls.
+
+  Returns:
+    `{'dtype', 'size', 'flops_per_s', 'seconds_median'}`.
+  """
+  keys = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(keys[0], (size, size), jnp.float32).astype(dtype)
+  b = jax.random.normal(keys[1], (size, size), jnp.float32).astype(dtype)
+  stage = Stage("peak matmul", jax.jit(jnp.matmul), (a, b), images=1)
+  timing, _ = time_stage(stage, warmup, iters)
+  # Count 2 n^3 ourselves: the analysis may not see through library calls.
+  flops = 2.0 * size**3
+  return {
+      "dtype": dtype,
+      "size": size,
+      "seconds_median": timing["seconds_median"],
+      "flops_per_s": flops / timing["seconds_median"],
+      "cost_analysis_flops": timing["flops_per_call"],
+  }
