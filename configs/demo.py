@@ -13,14 +13,7 @@ per-epoch held-out R^2 (printed), which rises from below 0 to above 0.5 (the
 measured curve and time are in the README).
 """
 
-import pathlib
-import sys
-
-# Config files are loaded by path; make the `configs` package importable
-# whatever the working directory.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import configs  # pylint: disable=g-import-not-at-top,wrong-import-position
+from synthdistill_jax import defaults
 
 EMBEDDING = 64  # Teacher and student embedding size.
 
@@ -69,7 +62,7 @@ def _shrink(config):
 
 
 def _demo_config():
-  config = configs.base_config()
+  config = defaults.base_config()
   config.name = "demo"
   config.generator.random = dict(
       z_dim=32,  # Latent size (512 in FFHQ).

@@ -20,14 +20,7 @@ The static sampler also needs `--config.sampler.static_dataset=DIR` from
 `tools/make_static_dataset.py`.
 """
 
-import pathlib
-import sys
-
-# Config files are loaded by path; make the `configs` package importable
-# whatever the working directory.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import configs  # pylint: disable=g-import-not-at-top,wrong-import-position
+from synthdistill_jax import defaults
 
 STUDENTS = ("tinyfar_a", "tinyfar_b", "tinyfar_c", "mobilefacenet", "iresnet18")
 SAMPLERS = ("static", "dynamic", "resample")
@@ -50,7 +43,7 @@ def get_config(arg: str | None = None):
         f"configs/synthdistill.py: unknown preset {arg!r}; known:"
         f" {', '.join(presets())}"
     )
-  config = configs.base_config()
+  config = defaults.base_config()
   config.name = f"synthdistill_{student}_{sampler}"
   config.student.arch = student
   config.sampler.kind = sampler

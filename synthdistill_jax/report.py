@@ -8,7 +8,7 @@ finished or running workdir from another process):
   report.write_run_report(workdir, config, {"step": 312})
 
 `report.md` says what was trained (config name, the fields that differ from
-`configs.base_config()`, where the frozen networks came from), on what (device
+`defaults.base_config()`, where the frozen networks came from), on what (device
 and process count), how far (iteration reached of the total), how fast
 (images/s) and how good (held-out MSE / cosine / R^2 per validation, the
 benchmark accuracies per epoch), and where the outputs are. `curves.png`
@@ -28,6 +28,8 @@ from typing import Any
 from etils import epath
 import jax
 import numpy as np
+
+from synthdistill_jax import defaults
 
 # (split, metric) pairs plotted, with their panel and label.
 TRAIN_LOSS = ("train", "loss")
@@ -181,17 +183,12 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _base_config():
-  """`configs.base_config()`, or None where the configs package is absent."""
-  try:
-    import configs  # pylint: disable=g-import-not-at-top
-
-    return configs.base_config()
-  except (ImportError, AttributeError):
-    return None
+  """The base config every experiment starts from (`defaults.base_config`)."""
+  return defaults.base_config()
 
 
 def config_changes(config) -> list[tuple[str, Any, Any]]:
-  """Fields that differ from `configs.base_config()`.
+  """Fields that differ from `defaults.base_config()`.
 
   Args:
     config: the run's `ConfigDict`.
@@ -388,7 +385,7 @@ def format_report(config, series, info: dict[str, Any], workdir) -> str:
   changes = config_changes(config)
   lines += [
       "",
-      "## Config: fields that differ from `configs.base_config()`",
+      "## Config: fields that differ from `defaults.base_config()`",
       "",
   ]
   lines += ["| field | value | default |", "|---|---|---|"]

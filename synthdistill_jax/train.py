@@ -172,7 +172,7 @@ class _Run:
     manager: the orbax `CheckpointManager`.
     writer: the `metrics_io.MetricWriter`.
     log: prints a line above the progress bar (primary process only).
-    evaluator: `evaluate.TrainingEvaluator` of `config.evals` (built once).
+    evaluator: `evaluation.training.TrainingEvaluator` of `config.evals` (built once).
   """
 
   exp: experiment.Experiment
@@ -280,17 +280,17 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
   # The evaluation module pulls in image and plotting libraries: only when
   # benchmarks are configured. Paths are checked before anything is built.
   evals = config.evals
-  evaluate = None
+  evaluation = None
   if evals.get("bins") or evals.get("ijb", {}).get("meta_dir"):
-    from synthdistill_jax import evaluate  # pylint: disable=g-import-not-at-top
+    from synthdistill_jax.evaluation import training as evaluation  # pylint: disable=g-import-not-at-top
 
-    evaluate.check_evals_config(evals)
+    evaluation.check_evals_config(evals)
   # --- Mesh, frozen networks, student state and the jitted programs.
   exp = experiment.create(config)
   log(f"mesh: {exp.mesh.size} devices on {jax.process_count()} process(es)")
   evaluator = None
-  if evaluate is not None:
-    evaluator = evaluate.create_training_evaluator(
+  if evaluation is not None:
+    evaluator = evaluation.create_training_evaluator(
         evals, exp.student.module, exp.mesh
     )
   # --- Restored if the workdir has a checkpoint.

@@ -21,10 +21,13 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from synthdistill_jax import evaluate
 from synthdistill_jax import models
-from synthdistill_jax import verification
 from synthdistill_jax.data import verification_bin
+from synthdistill_jax.evaluation import benchmarks
+from synthdistill_jax.evaluation import cli
+from synthdistill_jax.evaluation import embedding
+from synthdistill_jax.evaluation import settings
+from synthdistill_jax.evaluation import verification
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -125,7 +128,7 @@ def embed_directly(module, variables, images, chunk=40):
 def test_embedder_pads_flips_and_shards():
   module, variables = create_tiny_model()
   images, _ = make_faces(10, seed=1)
-  embed = evaluate.create_embedder(module, variables, batch_size=12)
+  embed = embedding.create_embedder(module, variables, batch_size=12)
   emb, flip = embed([images[:7], images[7:]])  # Two uneven batches.
   ref, ref_flip = embed_directly(module, variables, images)
   assert emb.shape == (20, 32) and emb.dtype == np.float32
@@ -139,15 +142,15 @@ def test_run_evaluators_trainer_hook(tmp_path, capsys, monkeypatch):
   # A log line for every progress update, however quick (not a terminal).
   monkeypatch.setenv("SYNTHDISTILL_PROGRESS_EVERY_S", "0")
   module, variables = create_tiny_model()
-  config = evaluate.default_evals_config()
-  assert evaluate.run_evaluators(config, module, variables) == {}
+  config = settings.default_evals_config()
+  assert benchmarks.run_evaluators(config, module, variables) == {}
   images, issame = make_faces(40, seed=2)
   verification_bin.write_bin(tmp_path / "mini.bin", images, issame)
   config.bins = [str(tmp_path / "mini.bin")]
   config.batch_size = 16
-  metrics = evaluate.run_evaluators(config, module, variables)
+  metrics = benchmarks.run_evaluators(config, module, variables)
   assert "mini: embedding: 80/80 (100%)" in capsys.readouterr().err
-  assert evaluate.run_evaluators(
+  assert benchmarks.run_evaluators(
       config, module, variables, progress_bar=False
   ) == pytest.approx(metrics)
   assert not capsys.readouterr().err  # The trainer's progress_bar=False.
@@ -177,15 +180,15 @@ def test_config_variants_and_pth_models(tmp_path):
   config = ml_collections.ConfigDict(
       {"bins": f"{tmp_path / 'a.bin'},", "batch_size": 8, "ijb": ""}
   )
-  inputs = evaluate.read_inputs(config)
+  inputs = benchmarks.read_inputs(config)
   assert [b.name for b in inputs.bins] == ["a"] and inputs.ijb_meta is None
   config = ml_collections.ConfigDict({"bins": [], "ijb": "ijbc"})
   with pytest.raises(ValueError, match="evals.ijb must be a ConfigDict"):
-    evaluate.read_inputs(config)
-  config = evaluate.default_evals_config()
+    benchmarks.read_inputs(config)
+  config = settings.default_evals_config()
   config.ijb.update(meta_dir=str(tmp_path), name="ijbc", warp="pil")
   with pytest.raises(ValueError, match="evals.ijb.warp must be one of"):
-    evaluate.read_inputs(config)
+    benchmarks.read_inputs(config)
   # A PyTorch checkpoint given to --model is converted on the fly.
   torch = pytest.importorskip("torch")
   from tests import golden  # pylint: disable=g-import-not-at-top
@@ -193,8 +196,8 @@ def test_config_variants_and_pth_models(tmp_path):
   state_dict = golden.torch_state_dict("mobilefacenet")
   torch.save(state_dict, tmp_path / "mbf.pth")
   with pytest.raises(ValueError, match="needs --arch"):
-    evaluate.load_model(tmp_path / "mbf.pth", None)
-  module, variables = evaluate.load_model(tmp_path / "mbf.pth", "mobilefacenet")
+    cli.load_model(tmp_path / "mbf.pth", None)
+  module, variables = cli.load_model(tmp_path / "mbf.pth", "mobilefacenet")
   assert module.num_features == 512
   fc = variables["params"]["features"]["layers_2"]["kernel"]
   np.testing.assert_array_equal(

@@ -17,10 +17,10 @@ import sys
 import numpy as np
 import pytest
 
-from synthdistill_jax import evaluate
 from synthdistill_jax import models
-from synthdistill_jax import verification
 from synthdistill_jax.data import verification_bin
+from synthdistill_jax.evaluation import benchmarks
+from synthdistill_jax.evaluation import verification
 from tests import test_evaluate_cli as helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -221,8 +221,8 @@ def test_nonfinite_embeddings_are_an_error(inputs):
   emb = rng.standard_normal((40, 8)).astype(np.float32)
   flip = emb + 0.1
   emb[3, 1] = np.nan
-  with pytest.raises(evaluate.NonFiniteEmbeddingError) as e:
-    evaluate.evaluate_bin(vbin, _fixed_embed(emb, flip), 8)
+  with pytest.raises(benchmarks.NonFiniteEmbeddingError) as e:
+    benchmarks.evaluate_bin(vbin, _fixed_embed(emb, flip), 8)
   assert "good: 1 of 80 embeddings" in str(e.value)
 
 
@@ -250,7 +250,7 @@ def test_xnorm_is_the_mean_row_norm_with_flips(inputs):
   rng = np.random.default_rng(1)
   emb = rng.standard_normal((40, 8)).astype(np.float32) * 3
   flip = rng.standard_normal((40, 8)).astype(np.float32)
-  result = evaluate.evaluate_bin(vbin, _fixed_embed(emb, flip), 8)
+  result = benchmarks.evaluate_bin(vbin, _fixed_embed(emb, flip), 8)
   # insightface: sum of np.linalg.norm(row) over both lists / row count.
   rows = [r.astype(np.float64) for r in list(emb) + list(flip)]
   want = sum(np.linalg.norm(r) for r in rows) / len(rows)

@@ -14,8 +14,10 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from synthdistill_jax import evaluate
-from synthdistill_jax import ijb
+from synthdistill_jax.evaluation import benchmarks
+from synthdistill_jax.evaluation import ijb
+from synthdistill_jax.evaluation import results
+from synthdistill_jax.evaluation import settings
 from tests import test_evaluate_cli as helpers
 
 
@@ -406,13 +408,13 @@ def test_ijb_protocol_matches_direct_computation(tmp_path, capsys, monkeypatch):
   monkeypatch.setenv("SYNTHDISTILL_PROGRESS_EVERY_S", "0")
   meta_dir, image_dir = _write_ijb(tmp_path)
   module, variables = helpers.create_tiny_model()
-  config = evaluate.default_evals_config()
+  config = settings.default_evals_config()
   config.batch_size = 16
   config.ijb.meta_dir = str(meta_dir)
   config.ijb.image_dir = str(image_dir)
   config.ijb.name = "toy"
   out = tmp_path / "eval"
-  metrics = evaluate.run_evaluators(config, module, variables, output_dir=out)
+  metrics = benchmarks.run_evaluators(config, module, variables, output_dir=out)
   # Images, templates and pairs each end with a progress line (not a tty).
   meta = ijb.read_meta(meta_dir, "toy")
   err = capsys.readouterr().err
@@ -424,7 +426,7 @@ def test_ijb_protocol_matches_direct_computation(tmp_path, capsys, monkeypatch):
     assert f"IJB {what}: {count}/{count} (100%)" in err, err
   want, scores = _direct_tar(meta, image_dir, module, variables)
   for far, tar in want.items():
-    assert metrics[f"toy/{evaluate.far_key(far)}"] == pytest.approx(tar)
+    assert metrics[f"toy/{results.far_key(far)}"] == pytest.approx(tar)
   assert len(set(want.values())) > 1 and np.ptp(scores) > 0  # Not trivial.
   assert (out / "roc_toy.png").is_file()
   assert "TAR@FAR=1e-04" in (out / "report.md").read_text()

@@ -5,7 +5,7 @@ upstream's `eval_ijbc.py` would load) and converted to Flax with
 `convert.face`; test-written IJB meta files and JPEG loose crops, many of
 them cut by the crop's edge, go through `tests/insightface_ijb.py` (the
 upstream pipeline re-stated: cv2 alignment, PyTorch features, its pooling,
-scoring and TAR table) and through `evaluate.run_evaluators` with the
+scoring and TAR table) and through `benchmarks.run_evaluators` with the
 alignment kernel of the installed OpenCV. Every TAR must be equal and the
 saved per-pair scores close.
 """
@@ -16,8 +16,10 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from synthdistill_jax import evaluate
-from synthdistill_jax import ijb
+from synthdistill_jax.evaluation import benchmarks
+from synthdistill_jax.evaluation import ijb
+from synthdistill_jax.evaluation import results
+from synthdistill_jax.evaluation import settings
 from tests import test_evaluate_cli as helpers
 from tests import test_ijb
 
@@ -102,7 +104,7 @@ def test_tar_at_every_far_equals_upstream_pipeline(tmp_path):
   )
   want, want_scores = insightface_ijb.run(meta_dir, image_dir, "toy", model)
 
-  config = evaluate.default_evals_config()
+  config = settings.default_evals_config()
   config.batch_size = 16
   config.ijb.meta_dir = str(meta_dir)
   config.ijb.image_dir = str(image_dir)
@@ -111,8 +113,8 @@ def test_tar_at_every_far_equals_upstream_pipeline(tmp_path):
   opencv_major = int(cv2.__version__.split(".", 1)[0])
   config.ijb.warp = "opencv5" if opencv_major >= 5 else "opencv4"
   out = tmp_path / "eval"
-  metrics = evaluate.run_evaluators(config, module, variables, output_dir=out)
-  got = {f: metrics[f"toy/{evaluate.far_key(f)}"] for f in want}
+  metrics = benchmarks.run_evaluators(config, module, variables, output_dir=out)
+  got = {f: metrics[f"toy/{results.far_key(f)}"] for f in want}
   assert got == want
   report = json.loads((out / "report.json").read_text())
   scores = np.load(out / report["benchmarks"]["toy"]["scores_file"])

@@ -1,6 +1,6 @@
 """Evaluation during training: checked at start, built once, multi-process.
 
-`evaluate.create_training_evaluator` validates `config.evals` before a run
+`training.create_training_evaluator` validates `config.evals` before a run
 starts, compiles its embedder once for every epoch, runs for IJB-only
 configs too, and gives the same numbers with two processes as with one.
 """
@@ -17,9 +17,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from synthdistill_jax import evaluate
 from synthdistill_jax import frozen
 from synthdistill_jax.data import verification_bin
+from synthdistill_jax.evaluation import benchmarks
+from synthdistill_jax.evaluation import settings
+from synthdistill_jax.evaluation import training
 from tests import test_evaluate_cli as helpers
 from tests import test_ijb
 
@@ -39,7 +41,7 @@ def toy_bin(tmp_path_factory):
 
 
 def _config(**fields):
-  config = evaluate.default_evals_config()
+  config = settings.default_evals_config()
   config.batch_size = 16
   for key, value in fields.items():
     node = config
@@ -85,11 +87,11 @@ def test_check_evals_config_names_the_field(tmp_path, toy_bin):
   ]
   for fields, field, why in cases:
     with pytest.raises(frozen.ConfigError) as e:
-      evaluate.check_evals_config(_config(**fields))
+      training.check_evals_config(_config(**fields))
     message = str(e.value)
     assert field in message and why in message and "\n" not in message
   # Hand-written configs: bins as a comma-separated string, ijb ''.
-  evaluate.check_evals_config(
+  training.check_evals_config(
       ml_collections.ConfigDict(
           {"bins": f"{toy_bin},", "batch_size": 8, "ijb": ""}
       )
@@ -97,7 +99,7 @@ def test_check_evals_config_names_the_field(tmp_path, toy_bin):
   # A malformed bin is found when the evaluator is built, not after epoch 1.
   (tmp_path / "bad.bin").write_bytes(b"not a pickle")
   with pytest.raises(frozen.ConfigError, match="bad.bin: not a readable"):
-    evaluate.create_training_evaluator(
+    training.create_training_evaluator(
         _config(bins=[str(tmp_path / "bad.bin")]), None, _mesh(1)
     )
 
@@ -105,7 +107,7 @@ def test_check_evals_config_names_the_field(tmp_path, toy_bin):
 def test_built_once_and_matches_the_cli_path(toy_bin):
   module, variables = helpers.create_tiny_model()
   config = _config(bins=[str(toy_bin)])
-  evaluator = evaluate.create_training_evaluator(config, module, _mesh(8))
+  evaluator = training.create_training_evaluator(config, module, _mesh(8))
   assert evaluator.enabled
   first = evaluator(variables)
   # Second epoch, other weights: no new compilation.
@@ -113,7 +115,7 @@ def test_built_once_and_matches_the_cli_path(toy_bin):
   second = evaluator(other)
   assert evaluator.embedder.num_traces == 1
   assert first != second
-  want = evaluate.run_evaluators(config, module, variables)
+  want = benchmarks.run_evaluators(config, module, variables)
   assert first.keys() == want.keys()
   for key, value in want.items():
     assert first[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
@@ -129,10 +131,10 @@ def test_ijb_only_config_evaluates(tmp_path):
       }
   )
   module, variables = helpers.create_tiny_model()
-  evaluator = evaluate.create_training_evaluator(config, module, _mesh(2))
+  evaluator = training.create_training_evaluator(config, module, _mesh(2))
   assert evaluator.enabled
   metrics = evaluator(variables)
-  want = evaluate.run_evaluators(config, module, variables)
+  want = benchmarks.run_evaluators(config, module, variables)
   assert "toy/tar_far_1e-4" in metrics
   for key, value in want.items():
     assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
@@ -140,9 +142,9 @@ def test_ijb_only_config_evaluates(tmp_path):
 
 def test_nothing_configured_and_nonfinite(toy_bin):
   module, variables = helpers.create_tiny_model()
-  evaluator = evaluate.create_training_evaluator(_config(), module, _mesh(1))
+  evaluator = training.create_training_evaluator(_config(), module, _mesh(1))
   assert not evaluator.enabled and evaluator(variables) == {}
-  evaluator = evaluate.create_training_evaluator(
+  evaluator = training.create_training_evaluator(
       _config(bins=[str(toy_bin)], batch_size=40), module, _mesh(1)
   )
   variables["params"]["bn1"]["scale"] = (
@@ -158,13 +160,15 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
                            process_id=int(sys.argv[2]))
 import numpy as np
-from synthdistill_jax import evaluate
+from synthdistill_jax.evaluation import benchmarks
+from synthdistill_jax.evaluation import settings
+from synthdistill_jax.evaluation import training
 from tests import test_evaluate_cli as helpers
-config = evaluate.default_evals_config()
+config = settings.default_evals_config()
 config.bins, config.batch_size = [sys.argv[3]], 16
 mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
 module, variables = helpers.create_tiny_model()
-evaluator = evaluate.create_training_evaluator(config, module, mesh)
+evaluator = training.create_training_evaluator(config, module, mesh)
 out = [evaluator(variables), evaluator(variables)]
 out.append(evaluator.embedder.num_traces)
 with open(sys.argv[4], "w") as f:
@@ -204,7 +208,7 @@ def test_two_processes_match_one(tmp_path, toy_bin):
   assert first == second and traces == 1
   module, variables = helpers.create_tiny_model()
   config = _config(bins=[str(toy_bin)])
-  single = evaluate.create_training_evaluator(config, module, _mesh(2))
+  single = training.create_training_evaluator(config, module, _mesh(2))
   want = single(variables)
   assert first.keys() == want.keys()
   for key, value in want.items():

@@ -8,7 +8,7 @@ SciPy's `BSpline` standing in for SciPy <= 1.8 `interp1d(kind='slinear')`.
 import numpy as np
 import pytest
 
-from synthdistill_jax import verification
+from synthdistill_jax.evaluation import verification
 from tests import golden
 
 

@@ -33,6 +33,7 @@ from PIL import Image
 from PIL import ImageOps
 
 from synthdistill_jax import progress
+from synthdistill_jax.evaluation import settings
 
 FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 # Pairs scored per step: IJB-C's 15.7M pairs at once would need two
@@ -279,7 +280,7 @@ def _blend_opencv5(image, inverse, size):
 
 
 WARPS = {"opencv4": _blend_opencv4, "opencv5": _blend_opencv5}
-DEFAULT_WARP = "opencv4"
+DEFAULT_WARP = settings.DEFAULT_WARP
 
 
 def warp_affine(
