@@ -23,12 +23,13 @@ import jax.numpy as jnp
 import optax
 
 from synthdistill_jax import distill
-from synthdistill_jax import frozen
+from synthdistill_jax import errors
 from synthdistill_jax import models
+from synthdistill_jax import networks
 from synthdistill_jax import sharding
 from synthdistill_jax.models import registry
 
-ConfigError = frozen.ConfigError
+ConfigError = errors.ConfigError
 # fold_in tag of the held-out latent set; training iterations never reach it.
 VAL_TAG = 0xFFFFFFFF
 
@@ -53,9 +54,9 @@ class Experiment:
   Attributes:
     config: the experiment config.
     mesh: the device mesh ('data' axis).
-    generator: the frozen generator `frozen.Network` (None: static sampler).
-    teacher: the frozen teacher `frozen.Network` (None: static sampler).
-    student: the student `frozen.Network` (its initial variables).
+    generator: the frozen generator `networks.Network` (None: static sampler).
+    teacher: the frozen teacher `networks.Network` (None: static sampler).
+    student: the student `networks.Network` (its initial variables).
     spec: the `distill.DistillSpec`.
     tx: the student's optax transformation.
     schedule: its learning-rate schedule.
@@ -73,9 +74,9 @@ class Experiment:
 
   config: Any
   mesh: jax.sharding.Mesh
-  generator: frozen.Network | None
-  teacher: frozen.Network | None
-  student: frozen.Network
+  generator: networks.Network | None
+  teacher: networks.Network | None
+  student: networks.Network
   spec: distill.DistillSpec
   tx: optax.GradientTransformation
   schedule: Callable[[jax.Array], jax.Array]
@@ -114,10 +115,10 @@ def check_config(config, num_devices: int) -> None:
     raise ConfigError(
         f"loss={config.loss!r}: known {', '.join(distill.LOSSES)}"
     )
-  if config.student.arch not in frozen.face_archs():
+  if config.student.arch not in networks.face_archs():
     raise ConfigError(
         f"student.arch={config.student.arch!r}: unknown student; known:"
-        f" {', '.join(frozen.face_archs())}"
+        f" {', '.join(networks.face_archs())}"
     )
   mode = config.mesh.student_sharding
   if mode not in sharding.STUDENT_SHARDINGS:
@@ -144,7 +145,7 @@ def check_config(config, num_devices: int) -> None:
     ]
   for directory, field, kind in folders:
     if directory:
-      frozen.check_model_folder(directory, field, kind)
+      networks.check_model_folder(directory, field, kind)
   if config.sampler.kind == "static":
     path = config.sampler.static_dataset
     if not path or not os.path.isdir(path):
@@ -175,7 +176,7 @@ def use_random_weights(config, force: bool) -> str:
   Only the weights change: the shapes and settings come from the
   checkpoint's `model.json` when the folder exists, else from the paper's
   networks (FFHQ-256 generator, `teacher.arch`); compute dtypes stay the
-  config's, applied by `frozen.build_*` exactly as for a checkpoint.
+  config's, applied by `networks.build_*` exactly as for a checkpoint.
 
   Args:
     config: the experiment config (changed in place).
@@ -267,7 +268,7 @@ def _with_shardings(tree, shardings):
   )
 
 
-def create_state(mesh, config, student: frozen.Network, tx, abstract=False):
+def create_state(mesh, config, student: networks.Network, tx, abstract=False):
   """The initial `TrainState`, created directly with its shardings.
 
   Args:
@@ -352,22 +353,22 @@ def place_frozen(config, mesh, spec, generator, teacher):
     config: the experiment config.
     mesh: the device mesh.
     spec: from `create_spec`.
-    generator: the generator `frozen.Network`.
-    teacher: the teacher `frozen.Network`.
+    generator: the generator `networks.Network`.
+    teacher: the teacher `networks.Network`.
 
   Returns:
     `(gen_vars, teacher_vars, render)`; `render(gen_vars, key)` gives host
-    images and crops of one batch (`frozen.create_renderer`).
+    images and crops of one batch (`networks.create_renderer`).
   """
   gen_vars = sharding.put_replicated(mesh, generator.variables)
-  render = frozen.create_renderer(spec, mesh, config.schedule.batch_size)
+  render = networks.create_renderer(spec, mesh, config.schedule.batch_size)
   if not config.teacher.checkpoint and config.teacher.calibrate_batches:
     root = jax.random.fold_in(jax.random.PRNGKey(config.seed), VAL_TAG - 1)
     batches = (
         render(gen_vars, jax.random.fold_in(root, i))[1]
         for i in range(config.teacher.calibrate_batches)
     )
-    teacher = frozen.calibrate_teacher(teacher, batches)
+    teacher = networks.calibrate_teacher(teacher, batches)
   teacher_vars = sharding.put_replicated(mesh, teacher.variables)
   return gen_vars, teacher_vars, render
 
@@ -436,12 +437,12 @@ def create(
     weights = describe_weights(config)
   mesh = create_mesh(config, devices)
   check_config(config, mesh.size)
-  student = frozen.build_student(config.student, config.seed, abstract)
+  student = networks.build_student(config.student, config.seed, abstract)
   generator = teacher = None
   if config.sampler.kind != "static":
-    generator = frozen.build_generator(config.generator, abstract)
-    teacher = frozen.build_teacher(config.teacher, abstract)
-    frozen.check_embedding_sizes(teacher, student)
+    generator = networks.build_generator(config.generator, abstract)
+    teacher = networks.build_teacher(config.teacher, abstract)
+    networks.check_embedding_sizes(teacher, student)
   tx, schedule = create_optimizer(config)
   spec = create_spec(config, mesh, (generator, teacher, student), tx, schedule)
   gen_vars = teacher_vars = render = None

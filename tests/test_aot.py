@@ -19,8 +19,8 @@ import pytest
 
 from synthdistill_jax import aot
 from synthdistill_jax import experiment
-from tests import tiny
 from tests import nvidia_pickles
+from tests import tiny
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BF16 = {

@@ -13,8 +13,8 @@ from configs import demo
 from configs import synthdistill
 from synthdistill_jax import distill
 from synthdistill_jax import experiment
-from synthdistill_jax import frozen
 from synthdistill_jax import models
+from synthdistill_jax import networks
 from tests import test_train
 
 # Each student family shrunk to seconds (same code paths, fewer channels).
@@ -61,7 +61,7 @@ def test_every_preset_student_takes_a_step(student):
     config = synthdistill.get_config(f"{student}_{sampler}")
     assert config.student.arch == student
   config.student.kwargs = TINY_STUDENTS[student]
-  net = frozen.build_student(config.student, config.seed)
+  net = networks.build_student(config.student, config.seed)
   tx, schedule = experiment.create_optimizer(config)
   spec = distill.DistillSpec(
       generator=None,
@@ -159,6 +159,6 @@ def test_main_prints_one_line_and_exits_1(tmp_path):
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
   assert errors == [
       "error: student.arch='resnet9000': unknown student; known: "
-      + ", ".join(frozen.face_archs())
+      + ", ".join(networks.face_archs())
   ]
   assert "Traceback" not in proc.stderr

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from synthdistill_jax import distill
-from synthdistill_jax import frozen
+from synthdistill_jax import networks
 from tests import test_train
 
 TINY_GENERATOR = test_train.demo.TINY_GENERATOR
@@ -66,17 +66,17 @@ def test_resampling_perturbation_scales_with_cosine():
 @functools.lru_cache(maxsize=None)
 def _networks():
   """Tiny generator, teacher and student, built once (init compiles slowly)."""
-  gen = frozen.build_generator(
+  gen = networks.build_generator(
       ml_collections.ConfigDict(
           dict(checkpoint="", random=TINY_GENERATOR, init_seed=0, dtype="")
       )
   )
-  teacher = frozen.build_teacher(
+  teacher = networks.build_teacher(
       ml_collections.ConfigDict(
           dict(checkpoint="", arch="iresnet18", kwargs=TINY_FACE_NET, dtype="")
       )
   )
-  student = frozen.build_student(
+  student = networks.build_student(
       ml_collections.ConfigDict(
           dict(arch="iresnet18", kwargs=TINY_FACE_NET, init_checkpoint="")
       ),

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from synthdistill_jax import frozen
+from synthdistill_jax import errors
 from synthdistill_jax.data import verification_bin
 from synthdistill_jax.evaluation import benchmarks
 from synthdistill_jax.evaluation import settings
@@ -86,7 +86,7 @@ def test_check_evals_config_names_the_field(tmp_path, toy_bin):
       ),
   ]
   for fields, field, why in cases:
-    with pytest.raises(frozen.ConfigError) as e:
+    with pytest.raises(errors.ConfigError) as e:
       training.check_evals_config(_config(**fields))
     message = str(e.value)
     assert field in message and why in message and "\n" not in message
@@ -98,7 +98,7 @@ def test_check_evals_config_names_the_field(tmp_path, toy_bin):
   )
   # A malformed bin is found when the evaluator is built, not after epoch 1.
   (tmp_path / "bad.bin").write_bytes(b"not a pickle")
-  with pytest.raises(frozen.ConfigError, match="bad.bin: not a readable"):
+  with pytest.raises(errors.ConfigError, match="bad.bin: not a readable"):
     training.create_training_evaluator(
         _config(bins=[str(tmp_path / "bad.bin")]), None, _mesh(1)
     )

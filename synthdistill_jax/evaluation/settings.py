@@ -6,6 +6,8 @@ reading a config does not import the evaluator.
 
 import ml_collections
 
+from synthdistill_jax import errors
+
 # The IJB alignment kernel used unless `config.evals.ijb.warp` says otherwise
 # (see `ijb.warp_affine`): OpenCV 4's cv2.warpAffine, bit for bit.
 DEFAULT_WARP = "opencv4"
@@ -28,10 +30,8 @@ def default_evals_config() -> ml_collections.ConfigDict:
 
 
 def config_error(message: str) -> Exception:
-  # The trainer's error type; imported here so the CLI stays light.
-  from synthdistill_jax import frozen  # pylint: disable=g-import-not-at-top
-
-  return frozen.ConfigError(message)
+  """The trainer's one-line error for `config.evals` fields."""
+  return errors.ConfigError(message)
 
 
 def bin_paths(evals_config) -> list:

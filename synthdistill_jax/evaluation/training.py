@@ -26,7 +26,7 @@ def check_evals_config(evals_config) -> None:
     evals_config: see `settings.default_evals_config`.
 
   Raises:
-    frozen.ConfigError: one line naming the field: a bin that is missing or
+    errors.ConfigError: one line naming the field: a bin that is missing or
       a folder, two bins with one name, a batch size below 1, an IJB meta or
       image folder that is missing or a file, an IJB block without a name,
       or IJB fields set while `meta_dir` is empty (IJB would never run).
@@ -203,7 +203,7 @@ def create_training_evaluator(
     A `TrainingEvaluator`.
 
   Raises:
-    frozen.ConfigError: one line naming the field (see
+    errors.ConfigError: one line naming the field (see
       `check_evals_config`), or a malformed bin or IJB meta file.
   """
   return TrainingEvaluator(evals_config, student_module, mesh)

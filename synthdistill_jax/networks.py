@@ -1,4 +1,4 @@
-"""Builds the three networks of a config: generator, teacher, student.
+"""The three networks of a config: frozen generator and teacher, the student.
 
 The generator and the teacher are frozen: read from converted checkpoint
 folders (`tools/convert_*.py`), or, for the demo and tests, built in code with
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from synthdistill_jax import distill
+from synthdistill_jax import errors
 from synthdistill_jax import faces
 from synthdistill_jax import models
 from synthdistill_jax import sharding
@@ -27,10 +28,7 @@ from synthdistill_jax.models import registry
 
 GENERATOR_ARCH = "stylegan2"
 FACE_SIZE = faces.FACE_SIZE
-
-
-class ConfigError(ValueError):
-  """A config that cannot run; the message is one line for the user."""
+ConfigError = errors.ConfigError
 
 
 @dataclasses.dataclass
