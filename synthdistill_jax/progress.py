@@ -139,7 +139,11 @@ class LogBar(tqdm.tqdm):
     if start is None or self._quiet:
       return True  # tqdm's first display, from `__init__`: nothing done yet.
     now = time.time()
-    if self.disable and self._last_line_t is None:
+    if (
+        self.disable
+        and self._last_line_t is None
+        and now - start < self._interval(0.0)
+    ):
       # A job done within its first interval says nothing in a log: short
       # checks stay silent, so an error after them is the only line.
       return True

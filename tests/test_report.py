@@ -126,7 +126,7 @@ def test_report_after_a_tiny_run(tmp_path, monkeypatch):
   result = train.train_and_evaluate(config, str(workdir))
   assert int(result.state.step) == 4
   # After the starting validation, each epoch, and at the end.
-  assert [info.get("step") for info, _ in calls] == [0, 2, 4, None]
+  assert [info.get("step") for info, _ in calls] == [0, 2, 4, 4]
   plotted = calls[-1][1]
   expected = _expected_curves(workdir / "metrics.jsonl", 2)
   assert {"train/loss", "val/r2", "evals/mini/accuracy"} <= set(expected)

@@ -3,8 +3,8 @@
   python tools/compare_dtypes.py --config=configs/synthdistill.py:tinyfar_a \
       --batch_size=8 --batches=2
 
-Builds the config twice with `experiment.create` (missing checkpoints become
-random networks of the paper's shapes; a random teacher's BN statistics are
+Builds the config twice with `experiment.create` (checkpoint folders that
+do not exist become random networks of the paper's shapes; a random teacher's BN statistics are
 calibrated on generated faces): once in float32, once with the generator
 and teacher in bfloat16. For the same latents and pixel noise it embeds the
 faces four ways and prints the cosine of each to the all-float32 embedding:
@@ -39,6 +39,8 @@ def _build(config, dtype: str) -> experiment.Experiment:
   config.sampler.kind = "dynamic"
   if not config.teacher.calibrate_batches:
     config.teacher.calibrate_batches = 2
+  # Missing checkpoints become random networks of the paper's shapes.
+  experiment.use_random_weights(config, force=False)
   return experiment.create(config, devices=jax.devices()[:1])
 
 
