@@ -279,25 +279,28 @@ def _upfirdn2d_reference(x, f, up, down, pad, gain):
     ],
 )
 @pytest.mark.parametrize("method", upfirdn2d.FILTER_METHODS)
-def test_upfirdn2d_matches_direct_definition(
-    up, down, pad, method, monkeypatch
-):
-  monkeypatch.setattr(upfirdn2d, "filter_method", method)
+def test_upfirdn2d_matches_direct_definition(up, down, pad, method):
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, 7, 6, 3)).astype(np.float32)
   f2d = upfirdn2d.setup_filter([1, 3, 3, 1])
   asym = rng.standard_normal((3, 4)).astype(np.float32)
   ref = _upfirdn2d_reference(x, f2d, up, down, pad, up * up)
   for f in (f2d, upfirdn2d.setup_filter(separable=True)):
-    got = upfirdn2d.upfirdn2d(x, f, up=up, down=down, padding=pad, gain=up * up)
+    got = upfirdn2d.upfirdn2d(
+        x, f, up=up, down=down, padding=pad, gain=up * up, method=method
+    )
     np.testing.assert_allclose(got, ref, atol=1e-5)
-  got = upfirdn2d.upfirdn2d(x, asym, up=up, down=down, padding=pad)
+  got = upfirdn2d.upfirdn2d(
+      x, asym, up=up, down=down, padding=pad, method=method
+  )
   np.testing.assert_allclose(
       got, _upfirdn2d_reference(x, asym, up, down, pad, 1.0), atol=1e-5
   )
   # A traced filter (no compile-time taps) takes the conv path.
   traced = jax.jit(
-      lambda x, f: upfirdn2d.upfirdn2d(x, f, up=up, down=down, padding=pad)
+      lambda x, f: upfirdn2d.upfirdn2d(
+          x, f, up=up, down=down, padding=pad, method=method
+      )
   )(x, asym)
   np.testing.assert_allclose(traced, got, atol=1e-5)
 
@@ -367,6 +370,39 @@ def test_other_architectures(architecture):
   np.testing.assert_allclose(fused, batched, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("architecture", ["skip", "resnet"])
+def test_filter_method_is_part_of_the_jitted_program(architecture):
+  """The switch reaches every FIR filter and is never stale under `jax.jit`.
+
+  One jitted function with the module as a static argument: each method is
+  its own trace (a module-level switch would be baked into the first one).
+  """
+  # The default architecture shares `_tiny()`'s cache entry.
+  module, variables = _tiny(
+      **({} if architecture == "skip" else {"architecture": architecture})
+  )
+  modules = {m: module.clone(filter_method=m) for m in upfirdn2d.FILTER_METHODS}
+  z = np.random.default_rng(3).standard_normal((2, 16)).astype(np.float32)
+  generate = jax.jit(
+      lambda m, v, z: m.apply(v, z, noise_mode="const"), static_argnums=0
+  )
+  convs = {
+      m: generate.lower(mod, variables, z)
+      .as_text()
+      .count("stablehlo.convolution")
+      for m, mod in modules.items()
+  }
+  # b8 filters twice: after conv0, and the skip image ('skip') or the 1x1
+  # skip conv ('resnet'). Each separable filter is two convolutions.
+  assert convs["conv"] == convs["slices"] + 4
+  img = {m: generate(mod, variables, z) for m, mod in modules.items()}
+  np.testing.assert_allclose(img["slices"], img["conv"], rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="filter_method must be one of"):
+    stylegan2.create(**TINY, filter_method="fft")
+  with pytest.raises(ValueError, match="method must be one of"):
+    upfirdn2d.upsample2d(z[:, None, :, None], [1, 3, 3, 1], method="fft")
+
+
 def test_jit_any_batch_without_host_transfers():
   module, variables = _tiny()
   variables = jax.device_put(variables)
@@ -398,6 +434,9 @@ def test_load_refuses_other_architectures(tmp_path):
   models.save(tmp_path / "g", "stylegan2", TINY, variables)
   loaded, restored = stylegan2.load(tmp_path / "g")
   assert loaded == module
+  # An attribute that changes only the compiled program is an override.
+  loaded, _ = stylegan2.load(tmp_path / "g", filter_method="conv")
+  assert loaded == module.clone(filter_method="conv")
   np.testing.assert_array_equal(
       restored["params"]["synthesis"]["b8"]["conv0"]["weight"],
       variables["params"]["synthesis"]["b8"]["conv0"]["weight"],

@@ -273,18 +273,17 @@ def test_bfloat16_block_is_close_to_float32():
 @pytest.mark.parametrize(
     "kernel,stride,size", [(3, 1, 7), (5, 2, 9), (3, 2, 8)]
 )
-def test_depthwise_slices_equal_the_grouped_conv(
-    kernel, stride, size, monkeypatch
-):
+def test_depthwise_slices_equal_the_grouped_conv(kernel, stride, size):
   """Forward and gradients of both `conv_dw` methods agree."""
-  module = tinynet.DepthwiseConv(6, kernel, stride)
   x = jax.random.normal(jax.random.key(0), (2, size, size + 1, 6))
-  variables = module.init(jax.random.key(1), x)
+  variables = tinynet.DepthwiseConv(6, kernel, stride).init(
+      jax.random.key(1), x
+  )
   # The output has the same shape as timm's conv with k // 2 padding.
   out_size = (size + 2 * (kernel // 2) - kernel) // stride + 1
 
   def run(method):
-    monkeypatch.setattr(tinynet, "depthwise_method", method)
+    module = tinynet.DepthwiseConv(6, kernel, stride, method=method)
 
     def loss(v, x):
       y = module.apply(v, x)
@@ -301,3 +300,44 @@ def test_depthwise_slices_equal_the_grouped_conv(
   np.testing.assert_allclose(y, y_ref, atol=1e-5)
   for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
     np.testing.assert_allclose(g, g_ref, atol=1e-5)
+
+
+def _count_convolutions(lowered) -> int:
+  return lowered.as_text().count("stablehlo.convolution")
+
+
+def test_depthwise_method_is_part_of_the_jitted_program(tmp_path):
+  """The switch reaches every block and is never stale under `jax.jit`.
+
+  One jitted function with the module as a static argument: each method is
+  its own trace (a module-level switch would be baked into the first one).
+  """
+  # One block per stage and a small input: every path, a short compile.
+  kwargs = dict(depth_multiplier=0.3, embedding_size=8)
+  modules = {
+      m: models.create_model("tinyfar_c", depthwise_method=m, **kwargs)
+      for m in tinynet.DEPTHWISE_METHODS
+  }
+  blocks = sum(len(s) for s in modules["slices"].block_specs())
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  variables = jax.tree.map(
+      lambda a: np.asarray(a, np.float32),
+      _random_variables(modules["slices"], x),
+  )
+  apply = jax.jit(lambda m, v, x: m.apply(v, x), static_argnums=0)
+  lowered = {m: apply.lower(mod, variables, x) for m, mod in modules.items()}
+  # 'conv' runs every `conv_dw` as a grouped convolution, 'slices' none.
+  assert _count_convolutions(lowered["conv"]) == (
+      _count_convolutions(lowered["slices"]) + blocks
+  )
+  out = {m: apply(mod, variables, x) for m, mod in modules.items()}
+  np.testing.assert_allclose(out["slices"], out["conv"], atol=1e-5)
+  # The method is a model.json kwarg like any other, checked when built.
+  saved = dict(kwargs, depthwise_method="conv")
+  models.save(tmp_path / "m", "tinyfar_c", saved, variables)
+  loaded, _ = models.load(tmp_path / "m")
+  assert loaded == modules["conv"]
+  with pytest.raises(ValueError, match="depthwise_method must be one of"):
+    tinynet.create("tinyfar_c", depthwise_method="grouped")
+  with pytest.raises(ValueError, match="depthwise_method must be one of"):
+    tinynet.DepthwiseConv(3, 3, method="grouped").init(jax.random.key(0), x)

@@ -77,6 +77,7 @@ def conv2d_resample(
     padding: int = 0,
     groups: int = 1,
     precision=None,
+    filter_method: str = "slices",
 ) -> jax.Array:
   """Convolution with optional FIR upsampling, as NVIDIA's `conv2d_resample`.
 
@@ -93,6 +94,7 @@ def conv2d_resample(
     padding: padding with respect to the upsampled image.
     groups: feature groups.
     precision: `jax.lax.Precision` of the convolutions.
+    filter_method: how the FIR filter is applied (`upfirdn2d.FILTER_METHODS`).
 
   Returns:
     `[batch, h * up, w * up, out_channels]` (for odd kernels with
@@ -127,6 +129,7 @@ def conv2d_resample(
       padding=(px0, px1, py0, py1),
       gain=up**2,
       precision=precision,
+      method=filter_method,
   )
 
 
@@ -141,6 +144,7 @@ def modulated_conv2d(
     demodulate: bool = True,
     fused: bool = False,
     precision=None,
+    filter_method: str = "slices",
 ) -> jax.Array:
   """StyleGAN2 modulated (and demodulated) convolution, NHWC.
 
@@ -160,6 +164,8 @@ def modulated_conv2d(
     demodulate: normalise every output channel of every sample's kernel.
     fused: use the grouped-conv formulation.
     precision: `jax.lax.Precision` of the convolutions.
+    filter_method: how the FIR filter is applied when `up > 1`
+      (`upfirdn2d.FILTER_METHODS`).
 
   Returns:
     `[batch, h * up, w * up, out_channels]` in the dtype of `x`.
@@ -174,7 +180,9 @@ def modulated_conv2d(
     weight = weight * (1 / np.sqrt(in_ch * kh * kw) / w_max)
     styles = styles / jnp.max(jnp.abs(styles), axis=1, keepdims=True)
   padding = kh // 2
-  conv_kwargs = dict(f=resample_filter, up=up, padding=padding)
+  conv_kwargs = dict(
+      f=resample_filter, up=up, padding=padding, filter_method=filter_method
+  )
   if not fused:
     x = x * styles.astype(dtype)[:, None, None, :]
     x = conv2d_resample(

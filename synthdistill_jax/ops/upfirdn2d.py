@@ -12,12 +12,13 @@ the image in NHWC layout:
 
 Steps 1-2 are one `lax.pad` (interior padding inserts the zeros). Steps 3-4
 are, for a concrete filter, a weighted sum of shifted strided slices with the
-taps as constants (`filter_method = 'slices'`, one fused elementwise loop;
-two 1D passes for a separable filter), or depthwise `lax.conv_general_dilated`
-calls (`'conv'`, also used for a traced filter). XLA:CPU runs depthwise
-grouped convs very slowly: the slices are ~40x faster at StyleGAN2-256 sizes
-(docs/stylegan2.md, "Speed work"). Either way the op is jit-able,
-differentiable and runs on any backend.
+taps as constants (`method='slices'`, the default: one fused elementwise
+loop; two 1D passes for a separable filter), or depthwise
+`lax.conv_general_dilated` calls (`method='conv'`, also used for a traced
+filter). XLA:CPU runs depthwise grouped convs very slowly: the slices are ~40x
+faster at StyleGAN2-256 sizes (docs/stylegan2.md, "Speed work"). The method is
+an argument, not a module setting, so that it is part of what a jitted caller
+traces. Either way the op is jit-able, differentiable and runs on any backend.
 """
 
 from typing import Sequence
@@ -75,7 +76,24 @@ def _parse_padding(padding) -> tuple[int, int, int, int]:
 # slices, the default: XLA:CPU runs depthwise grouped convs an order of
 # magnitude slower) or 'conv' (depthwise `feature_group_count` convs).
 FILTER_METHODS = ("slices", "conv")
-filter_method = "slices"
+
+
+def check_method(method: str, field: str = "method") -> str:
+  """Returns `method` if it is one of `FILTER_METHODS`.
+
+  Args:
+    method: how the FIR filter is applied.
+    field: the argument or attribute name to report.
+
+  Returns:
+    `method`.
+
+  Raises:
+    ValueError: one line naming `field` and the known methods.
+  """
+  if method not in FILTER_METHODS:
+    raise ValueError(f"{field} must be one of {FILTER_METHODS}, got {method!r}")
+  return method
 
 
 def _depthwise(x: jax.Array, k: jax.Array, strides, precision) -> jax.Array:
@@ -136,9 +154,9 @@ def weighted_window_sum(x: jax.Array, weight, kh: int, kw: int, strides):
   return out.astype(x.dtype)
 
 
-def _filter(x, k, strides, precision):
-  """Applies kernel `k` to every channel with the selected method."""
-  if filter_method == "slices" and not isinstance(k, jax.core.Tracer):
+def _filter(x, k, strides, precision, method):
+  """Applies kernel `k` to every channel with `method` (see `upfirdn2d`)."""
+  if method == "slices" and not isinstance(k, jax.core.Tracer):
     k = np.asarray(k, np.float32)
     return weighted_window_sum(
         x,
@@ -160,6 +178,7 @@ def upfirdn2d(
     flip_filter: bool = False,
     gain: float = 1.0,
     precision=None,
+    method: str = "slices",
 ) -> jax.Array:
   """Pad, upsample, filter and downsample a batch of NHWC images.
 
@@ -174,11 +193,14 @@ def upfirdn2d(
     gain: overall gain of the filter (`up ** 2` keeps the signal level when
       upsampling).
     precision: `jax.lax.Precision` of the filter convolution.
+    method: 'slices' (shifted-slice sums with the taps as constants) or
+      'conv' (depthwise grouped convs); a traced filter always takes 'conv'.
 
   Returns:
     `[batch, out_h, out_w, channels]` with
     `out = (in * up + pad0 + pad1 - taps + down) // down`.
   """
+  check_method(method)
   if f is None:
     f = np.ones([1, 1], np.float32)
   if not isinstance(f, jax.core.Tracer):
@@ -203,13 +225,19 @@ def upfirdn2d(
   if not flip_filter:
     f = xp.flip(f, axis=tuple(range(f.ndim)))
   if f.ndim == 2:
-    return _filter(x, f, (down, down), precision)
-  x = _filter(x, f[None, :], (1, down), precision)
-  return _filter(x, f[:, None], (down, 1), precision)
+    return _filter(x, f, (down, down), precision, method)
+  x = _filter(x, f[None, :], (1, down), precision, method)
+  return _filter(x, f[:, None], (down, 1), precision, method)
 
 
 def upsample2d(
-    x: jax.Array, f, *, up: int = 2, gain: float | None = None, precision=None
+    x: jax.Array,
+    f,
+    *,
+    up: int = 2,
+    gain: float | None = None,
+    precision=None,
+    method: str = "slices",
 ) -> jax.Array:
   """Upsamples NHWC images by `up` with the FIR filter `f` (official pads).
 
@@ -219,6 +247,7 @@ def upsample2d(
     up: integer factor.
     gain: filter gain, `up ** 2` by default.
     precision: `jax.lax.Precision` of the filter convolution.
+    method: how the filter is applied (see `upfirdn2d`).
 
   Returns:
     `[batch, height * up, width * up, channels]`.
@@ -232,4 +261,5 @@ def upsample2d(
       padding=(padding[0], padding[1], padding[0], padding[1]),
       gain=up**2 if gain is None else gain,
       precision=precision,
+      method=method,
   )
