@@ -16,7 +16,7 @@ import pytest
 
 from synthdistill_jax.evaluation import benchmarks
 from synthdistill_jax.evaluation import ijb
-from synthdistill_jax.evaluation import results
+from synthdistill_jax.evaluation import outcome
 from synthdistill_jax.evaluation import settings
 from tests import test_evaluate_cli as helpers
 
@@ -426,7 +426,7 @@ def test_ijb_protocol_matches_direct_computation(tmp_path, capsys, monkeypatch):
     assert f"IJB {what}: {count}/{count} (100%)" in err, err
   want, scores = _direct_tar(meta, image_dir, module, variables)
   for far, tar in want.items():
-    assert metrics[f"toy/{results.far_key(far)}"] == pytest.approx(tar)
+    assert metrics[f"toy/{outcome.far_key(far)}"] == pytest.approx(tar)
   assert len(set(want.values())) > 1 and np.ptp(scores) > 0  # Not trivial.
   assert (out / "roc_toy.png").is_file()
   assert "TAR@FAR=1e-04" in (out / "report.md").read_text()

@@ -18,7 +18,7 @@ import pytest
 
 from synthdistill_jax.evaluation import benchmarks
 from synthdistill_jax.evaluation import ijb
-from synthdistill_jax.evaluation import results
+from synthdistill_jax.evaluation import outcome
 from synthdistill_jax.evaluation import settings
 from tests import test_evaluate_cli as helpers
 from tests import test_ijb
@@ -114,7 +114,7 @@ def test_tar_at_every_far_equals_upstream_pipeline(tmp_path):
   config.ijb.warp = "opencv5" if opencv_major >= 5 else "opencv4"
   out = tmp_path / "eval"
   metrics = benchmarks.run_evaluators(config, module, variables, output_dir=out)
-  got = {f: metrics[f"toy/{results.far_key(f)}"] for f in want}
+  got = {f: metrics[f"toy/{outcome.far_key(f)}"] for f in want}
   assert got == want
   report = json.loads((out / "report.json").read_text())
   scores = np.load(out / report["benchmarks"]["toy"]["scores_file"])

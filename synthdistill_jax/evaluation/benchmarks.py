@@ -14,8 +14,8 @@ from synthdistill_jax import progress
 from synthdistill_jax.data import verification_bin
 from synthdistill_jax.evaluation import embedding
 from synthdistill_jax.evaluation import ijb
+from synthdistill_jax.evaluation import outcome
 from synthdistill_jax.evaluation import reports
-from synthdistill_jax.evaluation import results
 from synthdistill_jax.evaluation import settings
 from synthdistill_jax.evaluation import verification
 
@@ -89,7 +89,7 @@ def evaluate_bin(
     embed: embedding.Embedder,
     batch_size: int,
     progress_bar: bool = True,
-) -> results.BenchmarkResult:
+) -> outcome.BenchmarkResult:
   """The insightface 10-fold protocol on one `.bin`, with and without flip.
 
   Args:
@@ -100,7 +100,7 @@ def evaluate_bin(
       progress`: a bar on a terminal, log lines in a file).
 
   Returns:
-    A `results.BenchmarkResult`: accuracy (+std), accuracy without flip, VAL@FAR=1e-3
+    A `outcome.BenchmarkResult`: accuracy (+std), accuracy without flip, VAL@FAR=1e-3
     (+std), achieved FAR, and the mean raw embedding norm `xnorm` (see
     `mean_embedding_norm`).
 
@@ -133,7 +133,7 @@ def evaluate_bin(
       "far": flip.far,
       "xnorm": mean_embedding_norm(emb, emb_flip),
   }
-  return results.BenchmarkResult(
+  return outcome.BenchmarkResult(
       vbin.name, "verification", vbin.num_pairs, metrics, flip.fpr, flip.tpr
   )
 
@@ -147,7 +147,7 @@ def evaluate_ijb(
     aligned: bool = False,
     warp: str = ijb.DEFAULT_WARP,
     progress_bar: bool = True,
-) -> results.BenchmarkResult:
+) -> outcome.BenchmarkResult:
   """IJB-B/C 1:1 verification (see `synthdistill_jax.ijb`).
 
   Args:
@@ -161,7 +161,7 @@ def evaluate_ijb(
     progress_bar: show images, templates and pairs as they are done.
 
   Returns:
-    A `results.BenchmarkResult` with `tar_far_1e-6` ... `tar_far_1e-1`, `auc` and
+    A `outcome.BenchmarkResult` with `tar_far_1e-6` ... `tar_far_1e-1`, `auc` and
     the per-pair scores.
 
   Raises:
@@ -182,9 +182,9 @@ def evaluate_ijb(
       warp=warp,
       progress_bar=progress_bar,
   )
-  metrics = {results.far_key(f): t for f, t in out["tar_at_far"].items()}
+  metrics = {outcome.far_key(f): t for f, t in out["tar_at_far"].items()}
   metrics["auc"] = out["auc"]
-  return results.BenchmarkResult(
+  return outcome.BenchmarkResult(
       name,
       "ijb",
       len(meta.labels),
@@ -246,7 +246,7 @@ def evaluate_all(
     variables,
     inputs: Inputs | None = None,
     progress_bar: bool = True,
-) -> list[results.BenchmarkResult]:
+) -> list[outcome.BenchmarkResult]:
   """Runs every configured benchmark.
 
   Args:
@@ -257,7 +257,7 @@ def evaluate_all(
     progress_bar: progress per benchmark (see `synthdistill_jax.progress`).
 
   Returns:
-    One `results.BenchmarkResult` per benchmark, bins first.
+    One `outcome.BenchmarkResult` per benchmark, bins first.
   """
   inputs = inputs or read_inputs(evals_config)
   batch_size = int(evals_config.batch_size)
@@ -283,7 +283,7 @@ def evaluate_all(
 
 
 def flatten_metrics(
-    results: Iterable[results.BenchmarkResult],
+    results: Iterable[outcome.BenchmarkResult],
 ) -> dict[str, float]:
   """`{'lfw/accuracy': ..., 'ijbc/tar_far_1e-4': ...}`."""
   return {

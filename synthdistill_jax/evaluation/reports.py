@@ -8,14 +8,14 @@ from typing import Any
 import numpy as np
 
 from synthdistill_jax.evaluation import ijb
-from synthdistill_jax.evaluation import results
+from synthdistill_jax.evaluation import outcome
 
 
 def _percent(x: float) -> str:
   return f"{100.0 * x:.2f}"
 
 
-def format_markdown(results: list[results.BenchmarkResult], title: str) -> str:
+def format_markdown(results: list[outcome.BenchmarkResult], title: str) -> str:
   """Markdown tables: one for the verification bins, one for IJB."""
   lines = [f"# {title}", ""]
   bins = [r for r in results if r.kind == "verification"]
@@ -45,13 +45,13 @@ def format_markdown(results: list[results.BenchmarkResult], title: str) -> str:
         "|---|---|" + "---|" * len(fars),
     ]
     for r in ijbs:
-      cells = " | ".join(_percent(r.metrics[results.far_key(f)]) for f in fars)
+      cells = " | ".join(_percent(r.metrics[outcome.far_key(f)]) for f in fars)
       lines.append(f"| {r.name} | {r.size} | {cells} |")
     lines.append("")
   return "\n".join(lines)
 
 
-def plot_roc(path: pathlib.Path, result: results.BenchmarkResult) -> None:
+def plot_roc(path: pathlib.Path, result: outcome.BenchmarkResult) -> None:
   """Writes the ROC curve of one benchmark as a PNG (Agg backend)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
 
@@ -63,7 +63,7 @@ def plot_roc(path: pathlib.Path, result: results.BenchmarkResult) -> None:
     # The interesting FARs span 1e-6..1e-1: log axis, zero FAR left out.
     keep = result.fpr > 0
     ax.semilogx(result.fpr[keep], result.tpr[keep])
-    label = f"TAR@FAR=1e-4: {_percent(result.metrics[results.far_key(1e-4)])}%"
+    label = f"TAR@FAR=1e-4: {_percent(result.metrics[outcome.far_key(1e-4)])}%"
   else:
     ax.plot(result.fpr, result.tpr)
     label = f"accuracy: {_percent(result.metrics['accuracy'])}%"
@@ -85,7 +85,7 @@ def scores_file_name(name: str) -> str:
 
 def write_report(
     output_dir: str | os.PathLike,
-    results: list[results.BenchmarkResult],
+    results: list[outcome.BenchmarkResult],
     title: str = "Evaluation",
     extra: dict[str, Any] | None = None,
 ) -> pathlib.Path:
