@@ -13,8 +13,10 @@ iteration boundary and returns cleanly.
 """
 
 import os
+import re
 import signal
 import threading
+import time
 from typing import Any
 
 from etils import epath
@@ -22,6 +24,7 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
+from synthdistill_jax import errors
 from synthdistill_jax import models
 
 # Local paths made absolute, URIs (gs://...) kept.
@@ -66,20 +69,105 @@ def save(manager: ocp.CheckpointManager, state: Any, *, force=True) -> bool:
   return manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any):
-  """Restores the latest checkpoint onto `abstract_state`'s shardings.
+class CheckpointError(errors.ConfigError):
+  """The workdir holds checkpoints but none can be restored (one line)."""
+
+
+def _layout(tree) -> dict[str, tuple]:
+  """Array path -> shape, with dict keys and dataclass fields alike."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {
+      "/".join(re.findall(r"\w+", jax.tree_util.keystr(path))): tuple(
+          getattr(leaf, "shape", ())
+      )
+      for path, leaf in leaves
+  }
+
+
+def _first_difference(saved: dict, wanted: dict) -> str:
+  for name in sorted(set(saved) | set(wanted)):
+    if saved.get(name) != wanted.get(name):
+      return f"{name}: saved {saved.get(name)}, config {wanted.get(name)}"
+  return ""
+
+
+def _set_aside(manager, step: int, reason: str, log) -> str:
+  """Moves checkpoint `step` to `<dir>.corrupt/<step>-<time>` (process 0)."""
+  directory = epath.Path(manager.directory)
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  target = directory.parent / f"{directory.name}.corrupt" / f"{step}-{stamp}"
+  if jax.process_index() == 0:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    (directory / str(step)).rename(target)
+    log(f"checkpoint {step} cannot be restored ({reason}); moved to {target}")
+  multihost_utils.sync_global_devices(f"checkpoints:aside:{step}")
+  manager.reload()
+  return str(target)
+
+
+def restore_latest(
+    manager: ocp.CheckpointManager, abstract_state: Any, log=print
+):
+  """Restores the newest restorable checkpoint onto `abstract_state`.
+
+  A checkpoint whose files cannot be read (truncated or overwritten arrays,
+  missing metadata) is moved aside to `<dir>.corrupt/` (never deleted), with
+  one line naming it and why, and the one before it is tried. A checkpoint
+  of other shapes than the config's student is a config mistake, not
+  corruption: `errors.ConfigError`, nothing moved.
 
   Args:
     manager: from `create_manager`.
     abstract_state: a `TrainState` of `jax.ShapeDtypeStruct`s with shardings.
+    log: where the messages go.
 
   Returns:
-    The restored state, or None when there is no checkpoint yet.
+    The restored state, or None when there is no checkpoint at all.
+
+  Raises:
+    CheckpointError: there were checkpoints and none could be restored.
   """
-  step = manager.latest_step()
-  if step is None:
-    return None
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  wanted = _layout(abstract_state)
+  aside = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      saved = _layout(manager.item_metadata(step).tree)
+    except Exception as e:  # pylint: disable=broad-except
+      # orbax/tensorstore raise many types for damaged files.
+      aside.append(_set_aside(manager, step, _reason(e), log))
+      continue
+    if saved != wanted:
+      raise errors.ConfigError(
+          f"checkpoint {step} in {manager.directory} holds a student of other"
+          f" shapes ({_first_difference(saved, wanted)}); resume with the"
+          " config it was trained with, or use another --workdir"
+      )
+    try:
+      return manager.restore(
+          step, args=ocp.args.StandardRestore(abstract_state)
+      )
+    except Exception as e:  # pylint: disable=broad-except
+      aside.append(_set_aside(manager, step, _reason(e), log))
+  if aside:
+    raise CheckpointError(
+        f"no restorable checkpoint in {manager.directory}: all were damaged"
+        f" and moved aside ({', '.join(aside)}); start a new --workdir or"
+        " restore a copy"
+    )
+  return None
+
+
+def _reason(error: BaseException) -> str:
+  first = (str(error).strip().splitlines() or [""])[0]
+  return f"{type(error).__name__}: {first[:160]}"
+
+
+def has_checkpoints(directory) -> bool:
+  """Whether `directory` holds finished orbax step folders."""
+  directory = epath.Path(directory)
+  if not directory.exists():
+    return False
+  return any(p.name.isdigit() for p in directory.iterdir())
 
 
 class PreemptionFlag:

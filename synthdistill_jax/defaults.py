@@ -81,5 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
   # if set, else WORKDIR/compile_cache (works for gs:// workdirs, so a
   # restarted or preempted run skips compiling); '' = off; or a directory.
   config.compilation_cache_dir = "auto"
+  # Resuming with another student, batch, sampler, seed or schedule (more
+  # epochs excepted) is refused; True accepts such a change on purpose.
+  config.allow_config_change = False
   config.evals = settings.default_evals_config()  # Benchmarks after each epoch.
   return config

@@ -27,6 +27,7 @@ from synthdistill_jax import errors
 from synthdistill_jax import models
 from synthdistill_jax import networks
 from synthdistill_jax import sharding
+from synthdistill_jax import validation
 from synthdistill_jax.models import registry
 
 ConfigError = errors.ConfigError
@@ -106,6 +107,7 @@ def check_config(config, num_devices: int) -> None:
     config: the experiment config.
     num_devices: devices on the mesh's 'data' axis.
   """
+  validation.check_numbers(config)
   if config.sampler.kind not in distill.SAMPLERS:
     raise ConfigError(
         f"sampler.kind={config.sampler.kind!r}: known"
@@ -132,27 +134,7 @@ def check_config(config, num_devices: int) -> None:
         f"schedule.batch_size={batch} is not divisible by the"
         f" {num_devices} devices of the mesh"
     )
-  for field in ("epochs", "steps_per_epoch", "val_batches"):
-    if config.schedule[field] < 0:
-      raise ConfigError(f"schedule.{field}={config.schedule[field]} < 0")
-  folders = [
-      (config.student.init_checkpoint, "student.init_checkpoint", "face")
-  ]
-  if config.sampler.kind != "static":
-    folders += [
-        (config.generator.checkpoint, "generator.checkpoint", "stylegan2"),
-        (config.teacher.checkpoint, "teacher.checkpoint", "face"),
-    ]
-  for directory, field, kind in folders:
-    if directory:
-      networks.check_model_folder(directory, field, kind)
-  if config.sampler.kind == "static":
-    path = config.sampler.static_dataset
-    if not path or not os.path.isdir(path):
-      raise ConfigError(
-          f"sampler.static_dataset={path!r}: no such folder (write one with"
-          " tools/make_static_dataset.py)"
-      )
+  validation.check_paths(config)
 
 
 # ----------------------------------------------------------------------------

@@ -5,9 +5,13 @@
 Multi-host: pass `--distributed` on TPU pods / SLURM / Kubernetes (JAX finds
 the coordinator itself), or `--coordinator_address=HOST:PORT
 --num_processes=N --process_id=I` elsewhere (e.g. several processes on one
-machine). A bad config prints one line to stderr and exits 1.
+machine). A bad flag, config file, field or setting prints one line to
+stderr and exits 1, before anything is built; a workdir whose checkpoints
+are all damaged exits 2 (they are moved aside, never deleted).
 """
 
+import os
+import re
 import sys
 
 from absl import app
@@ -16,6 +20,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from synthdistill_jax import checkpoints
+from synthdistill_jax import errors
 from synthdistill_jax import train
 
 FLAGS = flags.FLAGS
@@ -60,8 +66,68 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+def _fail(message: str, status: int = 1) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(status)
+
+
+def _one_line(error: BaseException) -> str:
+  """An exception's message on one line (config files raise multi-line)."""
+  text = str(error).replace("\\n", "\n")
+  lines = [l.strip().strip("'\"\\") for l in text.splitlines() if l.strip()]
+  if any(l.startswith("Traceback") for l in lines):
+    # A config file raised: its own message is the last line.
+    return re.sub(r"^\w+(Error|Exception): ", "", lines[-1])
+  return "; ".join(lines) or type(error).__name__
+
+
+def _unknown_field(error: BaseException, argv: list[str]) -> str | None:
+  """`--config.a.b=...` naming no field: which flag, and the suggestion."""
+  text = str(error).replace("\\n", "\n")
+  match = re.search(r"(\w+)\W*Did you mean \W*(\w+)", text)
+  names = re.search(r"'(\w+)'", text)
+  field = match.group(1) if match else (names.group(1) if names else None)
+  if not field:
+    return None
+  flag = next((a.split("=", 1)[0] for a in argv if f".{field}" in a), None)
+  if flag is None:
+    return None
+  hint = f" (did you mean {match.group(2)}?)" if match else ""
+  return f"{flag}: no such config field{hint}"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl parsing where a flag or config-file mistake is one line, exit 1.
+
+  Args:
+    argv: the command line.
+
+  Returns:
+    The arguments absl leaves over.
+  """
+  try:
+    rest = FLAGS(argv)
+  except flags.Error as e:
+    _fail(_one_line(e))
+  except Exception as e:  # pylint: disable=broad-except
+    # `--config.a.b=...` naming no field, or a config file that raises.
+    _fail(_unknown_field(e, argv) or f"--config: {_one_line(e)}")
+  path = (FLAGS["config"].serialize().split("=", 1)[-1]).split(":", 1)[0]
+  if path and not os.path.isfile(path):
+    _fail(
+        f"--config={path}: no such config file (e.g."
+        " --config=configs/demo.py)"
+    )
+  try:
+    FLAGS.config  # pylint: disable=pointless-statement
+  except Exception as e:  # pylint: disable=broad-except
+    _fail(f"--config: {_one_line(e)}")
+  return rest
+
+
 def main(argv) -> None:
-  del argv
+  if len(argv) > 1:
+    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS["verbosity"].present:
     # orbax logs every save at INFO; keep the console to the progress bar.
     logging.set_verbosity(logging.WARNING)
@@ -76,10 +142,12 @@ def main(argv) -> None:
   )
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (train.ConfigError, train.TrainingDiverged) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  except checkpoints.CheckpointError as e:
+    # Checkpoints exist but none can be restored: never a silent restart.
+    _fail(str(e), status=2)
+  except (errors.ConfigError, train.TrainingDiverged) as e:
+    _fail(str(e))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -12,6 +12,7 @@ replicated jit arguments, never state.
 
 import dataclasses
 import math
+import os
 import sys
 import time
 from typing import Any, Callable
@@ -28,6 +29,8 @@ from synthdistill_jax import metrics_io
 from synthdistill_jax import progress
 from synthdistill_jax import report
 from synthdistill_jax import sharding
+from synthdistill_jax import validation
+from synthdistill_jax import workdir as workdir_lib
 
 ConfigError = experiment.ConfigError
 
@@ -276,33 +279,52 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
   workdir = checkpoints.resolve_path(workdir)
   primary = jax.process_index() == 0
   log = tqdm.tqdm.write if primary else (lambda _: None)
-  enable_compilation_cache(config, workdir)
-  # The evaluation module pulls in image and plotting libraries: only when
-  # benchmarks are configured. Paths are checked before anything is built.
-  evals = config.evals
-  evaluation = None
-  if evals.get("bins") or evals.get("ijb", {}).get("meta_dir"):
-    from synthdistill_jax.evaluation import training as evaluation  # pylint: disable=g-import-not-at-top
+  # Every field, device count, input path and the workdir: before anything
+  # is built (under a second).
+  validation.check_training_config(config, os.fspath(workdir))
+  lock = workdir_lib.RunLock(workdir, log).acquire()
+  try:
+    workdir_lib.remove_stale_temporaries(workdir, log)
+    workdir_lib.check_or_store_config(
+        config,
+        workdir,
+        checkpoints.has_checkpoints(workdir / "checkpoints"),
+    )
+    enable_compilation_cache(config, workdir)
+    return _train(config, workdir, log)
+  finally:
+    lock.release()
 
-    evaluation.check_evals_config(evals)
+
+def _train(config, workdir: epath.Path, log) -> TrainResult:
+  """`train_and_evaluate` once the workdir is checked and locked."""
+  primary = jax.process_index() == 0
   # --- Mesh, frozen networks, student state and the jitted programs.
   exp = experiment.create(config)
   log(f"mesh: {exp.mesh.size} devices on {jax.process_count()} process(es)")
   evaluator = None
-  if evaluation is not None:
+  evals = config.evals
+  if evals.get("bins") or evals.get("ijb", {}).get("meta_dir"):
+    # Pulls in image and plotting libraries: only when configured.
+    from synthdistill_jax.evaluation import training as evaluation  # pylint: disable=g-import-not-at-top
+
     evaluator = evaluation.create_training_evaluator(
         evals, exp.student.module, exp.mesh
     )
-  # --- Restored if the workdir has a checkpoint.
+  # --- Restored if the workdir has a checkpoint (damaged ones set aside).
   manager = checkpoints.create_manager(
       workdir / "checkpoints",
       keep=config.checkpoint.keep,
       use_async=config.checkpoint.use_async,
   )
   state = exp.state
-  restored = checkpoints.restore_latest(
-      manager, experiment.abstract_state(state, exp.state_shardings)
-  )
+  try:
+    restored = checkpoints.restore_latest(
+        manager, experiment.abstract_state(state, exp.state_shardings), log
+    )
+  except BaseException:
+    manager.close()
+    raise
   if restored is not None:
     state = restored
     log(

@@ -1,0 +1,165 @@
+"""Checks a training config and its workdir before anything is built.
+
+`check_training_config(config, workdir)` runs in well under a second: every
+numeric field in range, the devices available, the workdir creatable and
+writable, every input path present and of the right kind. Each problem is a
+`errors.ConfigError` with one line naming the field and the fix; the
+trainer raises it before any network is built or compiled.
+"""
+
+import math
+import os
+import uuid
+
+from etils import epath
+import jax
+
+from synthdistill_jax import errors
+from synthdistill_jax import networks
+
+ConfigError = errors.ConfigError
+
+# (field, lowest allowed integer, what it means) for integer fields.
+_MINIMUMS = (
+    ("schedule.batch_size", 1, "the global batch"),
+    ("schedule.epochs", 1, "at least one epoch"),
+    ("schedule.steps_per_epoch", 1, "iterations per epoch"),
+    ("schedule.val_batches", 0, "0 turns validation off"),
+    ("log_every_steps", 1, "iterations between metric fetches"),
+    ("checkpoint.every_steps", 1, "iterations between checkpoints"),
+    ("checkpoint.keep", 1, "keep at least the latest checkpoint"),
+    ("optimizer.decay_every_epochs", 1, "epochs between learning-rate steps"),
+    ("face_grid_size", 0, "0 = no face grid"),
+    ("teacher.calibrate_batches", 0, "0 = no calibration"),
+    ("mesh.num_devices", 0, "0 = every device"),
+)
+
+
+def _get(config, field: str):
+  node = config
+  for part in field.split("."):
+    node = node[part]
+  return node
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_numbers(config) -> None:
+  """Every numeric field in range (see `_MINIMUMS` and the optimiser's)."""
+  for field, lowest, meaning in _MINIMUMS:
+    value = _get(config, field)
+    if not _is_number(value) or value < lowest or value != int(value):
+      raise ConfigError(
+          f"{field}={value!r}: must be an integer >= {lowest} ({meaning})"
+      )
+  opt = config.optimizer
+  if not _is_number(opt.learning_rate) or not opt.learning_rate > 0:
+    raise ConfigError(
+        f"optimizer.learning_rate={opt.learning_rate!r}: must be > 0"
+        " (the paper uses 1e-3)"
+    )
+  for name in ("b1", "b2"):
+    value = opt[name]
+    if not _is_number(value) or not 0 <= value < 1:
+      raise ConfigError(f"optimizer.{name}={value!r}: must be in [0, 1)")
+  if not _is_number(opt.eps) or not opt.eps > 0:
+    raise ConfigError(f"optimizer.eps={opt.eps!r}: must be > 0 (e.g. 1e-8)")
+  if not _is_number(opt.decay_factor) or not 0 < opt.decay_factor <= 1:
+    raise ConfigError(
+        f"optimizer.decay_factor={opt.decay_factor!r}: must be in (0, 1]"
+        " (1 = constant learning rate)"
+    )
+  coef = config.sampler.resampling_coef
+  if not _is_number(coef) or not math.isfinite(coef) or coef < 0:
+    raise ConfigError(
+        f"sampler.resampling_coef={coef!r}: must be a finite number >= 0"
+    )
+  psi = config.generator.truncation_psi
+  if not _is_number(psi) or not math.isfinite(psi):
+    raise ConfigError(
+        f"generator.truncation_psi={psi!r}: must be a finite number"
+    )
+
+
+def check_devices(config) -> None:
+  """The mesh asks for no more devices than there are."""
+  available = jax.device_count()
+  wanted = config.mesh.num_devices
+  if wanted > available:
+    raise ConfigError(
+        f"mesh.num_devices={wanted}: only {available} device(s) here; use"
+        f" at most {available} (0 = all)"
+    )
+
+
+def check_workdir(workdir: str) -> None:
+  """The workdir can be created and written (a probe file, then removed).
+
+  Args:
+    workdir: local path or URI (gs://...).
+  """
+  if not workdir:
+    raise ConfigError("--workdir is empty: give the run's output folder")
+  path = epath.Path(workdir)
+  if path.exists() and not path.is_dir():
+    raise ConfigError(
+        f"--workdir={workdir}: is a file, not a folder; choose another path"
+    )
+  probe = path / f".write-probe-{uuid.uuid4().hex}"
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    reason = e.strerror or type(e).__name__
+    raise ConfigError(
+        f"--workdir={workdir}: cannot create or write it ({reason}); choose"
+        " a writable folder"
+    ) from None
+
+
+def check_paths(config) -> None:
+  """Every input path named by the config exists and is of the right kind."""
+  folders = [
+      (config.student.init_checkpoint, "student.init_checkpoint", "face")
+  ]
+  if config.sampler.kind != "static":
+    folders += [
+        (config.generator.checkpoint, "generator.checkpoint", "stylegan2"),
+        (config.teacher.checkpoint, "teacher.checkpoint", "face"),
+    ]
+  for directory, field, kind in folders:
+    if directory:
+      networks.check_model_folder(directory, field, kind)
+  if config.sampler.kind == "static":
+    path = config.sampler.static_dataset
+    if not path or not os.path.isdir(path):
+      raise ConfigError(
+          f"sampler.static_dataset={path!r}: no such folder (write one with"
+          " tools/make_static_dataset.py)"
+      )
+  evals = config.get("evals")
+  if evals is not None and (
+      evals.get("bins") or evals.get("ijb", {}).get("meta_dir")
+  ):
+    from synthdistill_jax.evaluation import training  # pylint: disable=g-import-not-at-top
+
+    training.check_evals_config(evals)
+
+
+def check_training_config(config, workdir: str) -> None:
+  """All the checks above, cheapest first.
+
+  Args:
+    config: the experiment config.
+    workdir: the run's workdir.
+
+  Raises:
+    ConfigError: one line naming the field (or flag) and the fix.
+  """
+  check_numbers(config)
+  check_devices(config)
+  check_paths(config)
+  check_workdir(workdir)
