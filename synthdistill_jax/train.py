@@ -116,29 +116,28 @@ def static_batches(config, mesh, start_step: int):
   ds = static_dataset.StaticDataset(config.sampler.static_dataset)
   per_host = config.schedule.batch_size // jax.process_count()
 
+  per_epoch = ds.batches_per_epoch(per_host, jax.process_count())
+  if not per_epoch:
+    raise ConfigError(
+        f"sampler.static_dataset={config.sampler.static_dataset!r}: fewer"
+        f" examples than one batch of {per_host}"
+    )
+  # One flat stream of batches, two per iteration; a resumed run seeks to
+  # where the interrupted one stopped without reading the batches before.
+  first_epoch, offset = divmod(2 * start_step, per_epoch)
+
   def every_batch():
-    for epoch in range(sys.maxsize):
-      count = 0
-      for batch in ds.batches(
+    for epoch in range(first_epoch, sys.maxsize):
+      yield from ds.batches(
           per_host,
           seed=config.seed,
           epoch=epoch,
           shard_index=jax.process_index(),
           num_shards=jax.process_count(),
-      ):
-        count += 1
-        yield batch
-      if not count:
-        raise ConfigError(
-            f"sampler.static_dataset={config.sampler.static_dataset!r}: fewer"
-            f" examples than one batch of {per_host}"
-        )
+          start_batch=offset if epoch == first_epoch else 0,
+      )
 
-  # One flat stream of batches, so a resumed run skips exactly what the
-  # interrupted one consumed.
   stream = every_batch()
-  for _ in range(2 * start_step):
-    next(stream)
   while True:
     pair = [next(stream) for _ in range(2)]
     yield tuple(

@@ -198,6 +198,17 @@ class StaticDataset:
   def __len__(self) -> int:
     return len(self._source)
 
+  def batches_per_epoch(
+      self, batch_size: int, num_shards: int = 1, drop_remainder: bool = True
+  ) -> int:
+    """Batches `batches` yields per epoch and shard."""
+    per_shard = len(self) // num_shards
+    return (
+        per_shard // batch_size
+        if drop_remainder
+        else -(-per_shard // batch_size)
+    )
+
   @property
   def metadata(self) -> dict[str, Any]:
     return dict(self.info.metadata or {})
@@ -221,6 +232,7 @@ class StaticDataset:
       shard_index: int = 0,
       num_shards: int = 1,
       drop_remainder: bool = True,
+      start_batch: int = 0,
   ) -> Iterator[dict[str, np.ndarray]]:
     """Yields one epoch of numpy batches, deterministic given seed and epoch.
 
@@ -231,6 +243,8 @@ class StaticDataset:
       shard_index: this host's index (`jax.process_index()`).
       num_shards: number of hosts (`jax.process_count()`).
       drop_remainder: drop the last, smaller batch.
+      start_batch: skip this many batches without reading them (a resumed
+        run seeks to its position).
 
     Yields:
       `{'w', 'face', 'teacher', 'index'}` numpy batches.
@@ -241,7 +255,7 @@ class StaticDataset:
     stop = len(indices)
     if drop_remainder:
       stop -= stop % batch_size
-    for start in range(0, stop, batch_size):
+    for start in range(start_batch * batch_size, stop, batch_size):
       records = self._source.__getitems__(
           indices[start : start + batch_size].tolist()
       )

@@ -1,0 +1,332 @@
+"""Nothing lost, one line for every mistake: the trainer's guarantees.
+
+Each test fails on a trainer without the guarantee (see docs/reliability.md,
+"Training runs and checkpoints"): settings that cannot train, config-file
+mistakes, a second trainer on one workdir, stale locks, damaged
+checkpoints, config changes on resume, duplicate metrics after a resume,
+stale temporaries, and a static-sampler resume that re-reads the set.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from synthdistill_jax import checkpoints
+from synthdistill_jax import errors
+from synthdistill_jax import metrics_io
+from synthdistill_jax import train
+from synthdistill_jax import validation
+from synthdistill_jax import workdir as workdir_lib
+from synthdistill_jax.data import static_dataset
+from tests import tiny
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = f"--config={ROOT / 'configs' / 'demo.py'}:tiny"
+
+
+def _main(*args, **kw) -> subprocess.Popen:
+  return subprocess.Popen(
+      [sys.executable, "-m", "synthdistill_jax.main", *args],
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      **kw,
+  )
+
+
+def _one_line_error(message: str) -> str:
+  lines = [l for l in message.splitlines() if l.strip()]
+  assert len(lines) == 1, message
+  assert "Traceback" not in message
+  return lines[0]
+
+
+@pytest.mark.parametrize(
+    "field,value,expected",
+    [
+        ("checkpoint.keep", 0, "checkpoint.keep=0: must be an integer >= 1"),
+        ("optimizer.learning_rate", -1.0, "optimizer.learning_rate=-1.0"),
+        ("optimizer.learning_rate", 0.0, "must be > 0"),
+        ("schedule.epochs", 0, "schedule.epochs=0"),
+        ("schedule.steps_per_epoch", 0, "schedule.steps_per_epoch=0"),
+        ("log_every_steps", 0, "log_every_steps=0"),
+        ("checkpoint.every_steps", 0, "checkpoint.every_steps=0"),
+        ("mesh.num_devices", 64, "mesh.num_devices=64: only"),
+        ("optimizer.b1", 1.0, "optimizer.b1=1.0"),
+        ("optimizer.decay_factor", 0.0, "optimizer.decay_factor=0.0"),
+        ("sampler.resampling_coef", float("nan"), "sampler.resampling_coef"),
+        ("schedule.batch_size", 0, "schedule.batch_size=0"),
+    ],
+)
+def test_settings_that_cannot_train_are_one_line(
+    tmp_path, field, value, expected
+):
+  config = tiny.tiny_config(**{field: value})
+  start = time.perf_counter()
+  with pytest.raises(errors.ConfigError) as info:
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  # Refused before any network is built or compiled.
+  assert time.perf_counter() - start < 5.0
+  assert expected in _one_line_error(str(info.value))
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_workdir_that_is_a_file_or_unwritable(tmp_path):
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  for workdir, expected in (
+      (afile, "is a file, not a folder"),
+      (afile / "sub", "cannot create or write it"),
+  ):
+    with pytest.raises(errors.ConfigError, match=expected):
+      validation.check_workdir(str(workdir))
+
+
+def test_command_line_mistakes_are_one_line(tmp_path):
+  cases = [
+      (["--config=configs/nope.py"], "--config=configs/nope.py: no such"),
+      (
+          [TINY, "--config.schedule.batchsize=4"],
+          "--config.schedule.batchsize: no such config field (did you mean"
+          " batch_size?)",
+      ),
+      (
+          [f"--config={ROOT / 'configs' / 'demo.py'}:bogus"],
+          "unknown argument 'bogus'",
+      ),
+      ([TINY, "--config.checkpoint.keep=0"], "checkpoint.keep=0"),
+  ]
+  env = dict(os.environ, XLA_FLAGS="")
+  for args, expected in cases:
+    start = time.perf_counter()
+    proc = _main(*args, f"--workdir={tmp_path / 'w'}", env=env)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert expected in _one_line_error(err), err
+    # Imports included; nothing was built.
+    assert time.perf_counter() - start < 60
+
+
+def test_a_live_lock_refuses_and_a_dead_one_is_taken_over(tmp_path):
+  messages = []
+  first = workdir_lib.RunLock(tmp_path, messages.append).acquire()
+  # Same host, live pid (this process): a second trainer is refused.
+  with pytest.raises(workdir_lib.WorkdirBusyError) as info:
+    workdir_lib.RunLock(tmp_path).acquire()
+  assert f"in use by pid {os.getpid()}" in _one_line_error(str(info.value))
+  first.release()
+  assert not (tmp_path / "LOCK").exists()
+  # A lock left by a killed process (its pid is gone) is taken over.
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  holder = json.loads(json.dumps({}))
+  holder.update(
+      host=os.uname().nodename, pid=dead.pid, started=0.0, heartbeat=0.0
+  )
+  (tmp_path / "LOCK").write_text(json.dumps(holder))
+  lock = workdir_lib.RunLock(tmp_path, messages.append).acquire()
+  assert any("taking over the lock" in m for m in messages), messages
+  assert json.loads((tmp_path / "LOCK").read_text())["pid"] == os.getpid()
+  lock.release()
+
+
+@pytest.mark.slow
+def test_second_trainer_on_one_workdir_is_refused(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="")
+  workdir = tmp_path / "run"
+  first = _main(
+      TINY, f"--workdir={workdir}", "--config.schedule.epochs=2", env=env
+  )
+  deadline = time.time() + 300
+  while not (workdir / "LOCK").exists():
+    assert first.poll() is None, first.communicate()[1][-3000:]
+    assert time.time() < deadline
+    time.sleep(0.2)
+  start = time.perf_counter()
+  second = _main(TINY, f"--workdir={workdir}", env=env)
+  _, err = second.communicate(timeout=60)
+  refused_after = time.perf_counter() - start
+  assert second.returncode == 1
+  assert "in use by pid" in _one_line_error(err)
+  assert refused_after < 30
+  _, err = first.communicate(timeout=900)
+  assert first.returncode == 0, err[-3000:]
+  assert not (workdir / "LOCK").exists()
+  steps = [r["step"] for r in metrics_io.read_metrics(workdir, "train")]
+  assert steps == list(range(1, 7))
+
+
+def _tiny_state(value: float):
+  return {"w": jnp.full((4, 3), value), "b": jnp.full((3,), value)}
+
+
+def _manager(directory):
+  return checkpoints.create_manager(directory, keep=3, use_async=False)
+
+
+def test_damaged_checkpoints_are_set_aside_never_trusted(tmp_path):
+  directory = tmp_path / "checkpoints"
+  manager = _manager(directory)
+  for step in (1, 2, 3):
+    manager.save(step, args=ocp.args.StandardSave(_tiny_state(step)))
+  manager.wait_until_finished()
+  # Step 3: metadata gone; step 2: every array file truncated.
+  (directory / "3" / "default" / "_METADATA").unlink()
+  for f in (directory / "2" / "default").rglob("*"):
+    if f.is_file() and f.parent.name == "d":
+      f.write_bytes(f.read_bytes()[:7])
+  target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _tiny_state(0.0)
+  )
+  messages = []
+  restored = checkpoints.restore_latest(manager, target, messages.append)
+  manager.close()
+  np.testing.assert_array_equal(restored["w"], np.full((4, 3), 1.0))
+  aside = sorted(p.name for p in (tmp_path / "checkpoints.corrupt").iterdir())
+  assert [a.split("-")[0] for a in aside] == ["2", "3"]
+  assert len(messages) == 2 and all("moved to" in m for m in messages)
+  # Nothing restorable at all: one line, never a silent fresh start.
+  manager = _manager(directory)
+  (directory / "1" / "default" / "_METADATA").unlink()
+  with pytest.raises(checkpoints.CheckpointError) as info:
+    checkpoints.restore_latest(manager, target, messages.append)
+  manager.close()
+  assert "no restorable checkpoint" in _one_line_error(str(info.value))
+  # A checkpoint of other shapes is a config mistake: nothing moved.
+  manager = _manager(tmp_path / "other")
+  manager.save(1, args=ocp.args.StandardSave(_tiny_state(1.0)))
+  manager.wait_until_finished()
+  wrong = dict(target, w=jax.ShapeDtypeStruct((5, 3), jnp.float32))
+  with pytest.raises(errors.ConfigError, match="other shapes"):
+    checkpoints.restore_latest(manager, wrong)
+  manager.close()
+  assert (tmp_path / "other" / "1").exists()
+
+
+@pytest.mark.slow
+def test_corrupt_newest_checkpoint_resumes_from_the_previous(tmp_path):
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(tiny.tiny_config(), str(workdir))
+  # Checkpoints at iterations 2 and 3 (every 2 and at the end).
+  arrays = [
+      f
+      for f in (workdir / "checkpoints" / "3").rglob("*")
+      if f.is_file() and f.parent.name == "d"
+  ]
+  assert arrays
+  for f in arrays:
+    f.write_bytes(b"garbage")
+  result = train.train_and_evaluate(
+      tiny.tiny_config(**{"schedule.epochs": 2}), str(workdir)
+  )
+  assert int(result.state.step) == 6
+  aside = list((workdir / "checkpoints.corrupt").iterdir())
+  assert [p.name.split("-")[0] for p in aside] == ["3"]
+  steps = [r["step"] for r in metrics_io.read_metrics(workdir, "train")]
+  # Iteration 3 was redone from checkpoint 2: logged once, not twice.
+  assert steps == list(range(1, 7))
+
+
+def test_resume_with_changed_settings_names_the_fields(tmp_path):
+  config = tiny.tiny_config()
+  workdir_lib.check_or_store_config(config, tmp_path, has_checkpoints=False)
+  stored = json.loads((tmp_path / "config.json").read_text())
+  assert stored["schedule"]["batch_size"] == 8
+  # More epochs: how a finished run is continued.
+  workdir_lib.check_or_store_config(
+      tiny.tiny_config(**{"schedule.epochs": 5}), tmp_path, True
+  )
+  changed = tiny.tiny_config(
+      **{"schedule.batch_size": 16, "student.arch": "mobilefacenet"}
+  )
+  with pytest.raises(errors.ConfigError) as info:
+    workdir_lib.check_or_store_config(changed, tmp_path, True)
+  message = _one_line_error(str(info.value))
+  assert "schedule.batch_size 8 -> 16" in message
+  assert "student.arch 'iresnet18' -> 'mobilefacenet'" in message
+  assert "allow_config_change" in message
+  changed.allow_config_change = True
+  workdir_lib.check_or_store_config(changed, tmp_path, True)
+  stored = json.loads((tmp_path / "config.json").read_text())
+  assert stored["schedule"]["batch_size"] == 16
+
+
+def test_metrics_after_a_resume_have_no_duplicate_steps(tmp_path):
+  writer = metrics_io.MetricWriter(tmp_path, enabled=True)
+  for step in range(1, 6):
+    writer.write(step, "train", {"loss": float(step)})
+  writer.close()
+  # Killed after logging 5 but resumed from the checkpoint at 3.
+  writer = metrics_io.MetricWriter(tmp_path, enabled=True, resume_step=3)
+  for step in range(4, 7):
+    writer.write(step, "train", {"loss": 10.0 + step})
+  writer.close()
+  records = metrics_io.read_metrics(tmp_path, "train")
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+  assert [r["loss"] for r in records][3:] == [14.0, 15.0, 16.0]
+
+
+def test_stale_temporaries_are_removed(tmp_path):
+  for name in (
+      "student.tmp-7",
+      "student.old",
+      "checkpoints/8.orbax-checkpoint-tmp-123",
+  ):
+    (tmp_path / name).mkdir(parents=True)
+  (tmp_path / ".metrics.jsonl.tmp-99").write_text("half")
+  (tmp_path / "checkpoints" / "4").mkdir()
+  removed = workdir_lib.remove_stale_temporaries(tmp_path, lambda _: None)
+  assert len(removed) == 4
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
+  assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["4"]
+
+
+def test_static_sampler_resume_seeks_without_reading(tmp_path, monkeypatch):
+  rng = np.random.default_rng(0)
+  stream = (
+      {
+          "w": rng.standard_normal((10, 4)).astype(np.float32),
+          "face": rng.integers(0, 256, (10, 112, 112, 3), dtype=np.uint8),
+          "teacher": rng.standard_normal((10, 16)).astype(np.float32),
+      }
+      for _ in range(4)
+  )
+  static_dataset.write_static_dataset(
+      tmp_path / "static", stream, num_examples=40, w_dim=4, emb_dim=16
+  )
+  config = tiny.tiny_config(
+      **{
+          "sampler.kind": "static",
+          "sampler.static_dataset": str(tmp_path / "static"),
+          "mesh.num_devices": 1,
+      }
+  )
+  mesh = jax.make_mesh((1,), ("data",))
+  reads = []
+  original = static_dataset.StaticDataset.batches
+
+  def counting(self, *args, **kw):
+    for batch in original(self, *args, **kw):
+      reads.append(1)
+      yield batch
+
+  monkeypatch.setattr(static_dataset.StaticDataset, "batches", counting)
+  # 5 batches of 8 per epoch, 2 per iteration: iteration 7 starts in epoch 2.
+  straight = train.static_batches(config, mesh, 0)
+  want = [next(straight) for _ in range(9)][7:]
+  reads.clear()
+  resumed = train.static_batches(config, mesh, 7)
+  got = [next(resumed) for _ in range(2)]
+  assert len(reads) == 4  # Only the batches used, none of the 14 skipped.
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
