@@ -35,17 +35,16 @@ import json
 import os
 import re
 import sys
-import time
 from typing import Any
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 from ml_collections import config_flags
 
 from synthdistill_jax import distill
 from synthdistill_jax import experiment
+from synthdistill_jax import progress
 
 # libtpu looks for TPU worker hosts when it loads (there are none on a CPU
 # host) and takes a machine-wide lock meant for real chips; a compile-only
@@ -70,6 +69,7 @@ _OUTPUT = flags.DEFINE_string("output", "aot.json", "JSON output path.")
 _BATCH_SIZE = flags.DEFINE_integer(
     "batch_size", None, "Overrides schedule.batch_size (global batch)."
 )
+_PROGRESS = progress.define_flag()
 
 # Per-chip datasheet figures: HBM bytes, HBM bandwidth (bytes/s) and dense
 # bfloat16 peak (FLOP/s), matched against `device_kind` (lower case, first
@@ -221,13 +221,16 @@ def analyse(compiled, chip: dict, per_chip_batch: int) -> dict[str, Any]:
   }
 
 
-def compile_for_topology(config, topology: str) -> dict[str, Any]:
+def compile_for_topology(
+    config, topology: str, progress_bar: bool = True
+) -> dict[str, Any]:
   """Compiles the config's iteration for a TPU slice and analyses it.
 
   Args:
     config: the experiment config (checkpoint fields may be rewritten to
       the paper's shapes where a folder is missing).
     topology: e.g. 'v5e:2x2'.
+    progress_bar: show the phases (lowering, compiling, analysis).
 
   Returns:
     The record that goes into the JSON file.
@@ -252,14 +255,20 @@ def compile_for_topology(config, topology: str) -> dict[str, Any]:
     )
   chip = look_up_chip(devices[0].device_kind)
   exp = experiment.create(config, devices=devices, abstract=True)
-  start = time.perf_counter()
-  lowered = exp.iterate.lower(*exp.iterate_args())
-  lower_s = time.perf_counter() - start
-  convolutions = count_convolutions(lowered.as_text())
-  logging.info("lowered in %.1f s; compiling for %s", lower_s, topology)
-  start = time.perf_counter()
-  compiled = lowered.compile()
-  compile_s = time.perf_counter() - start
+  with progress.phases(
+      f"aot {topology}",
+      ("lowering", "compiling", "analysis"),
+      enabled=progress_bar,
+  ) as phase:
+    with phase("lowering"):
+      lowered = exp.iterate.lower(*exp.iterate_args())
+      convolutions = count_convolutions(lowered.as_text())
+    with phase("compiling"):
+      compiled = lowered.compile()
+    with phase("analysis"):
+      collectives = count_collectives(compiled.as_text())
+      analysis = analyse(compiled, chip, batch // chips)
+  lower_s, compile_s = phase.seconds["lowering"], phase.seconds["compiling"]
   record = {
       "config": str(config.get("name", "")),
       "topology": topology,
@@ -275,9 +284,9 @@ def compile_for_topology(config, topology: str) -> dict[str, Any]:
       "lower_s": lower_s,
       "compile_s": compile_s,
       "convolutions_by_dtype": convolutions,
-      "collectives": count_collectives(compiled.as_text()),
+      "collectives": collectives,
   }
-  record.update(analyse(compiled, chip, batch // chips))
+  record.update(analysis)
   record["predicted_images_per_s"] = (
       record["predicted_images_per_s_per_chip"] * chips
   )
@@ -343,7 +352,7 @@ def main(argv: list[str]) -> None:
   if _BATCH_SIZE.value is not None:
     config.schedule.batch_size = _BATCH_SIZE.value
   try:
-    record = compile_for_topology(config, _TOPOLOGY.value)
+    record = compile_for_topology(config, _TOPOLOGY.value, _PROGRESS.value)
   except (AotError, experiment.ConfigError) as e:
     _fail(str(e))
   record["date"] = (
