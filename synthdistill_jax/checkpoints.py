@@ -49,7 +49,13 @@ def create_manager(
       enable_async_checkpointing=use_async,
       create=True,
   )
-  return ocp.CheckpointManager(resolve_path(directory), options=options)
+  # The handler is named up front so that a fresh manager (a resumed run)
+  # can read a step's metadata before restoring it.
+  return ocp.CheckpointManager(
+      resolve_path(directory),
+      options=options,
+      item_handlers=ocp.StandardCheckpointHandler(),
+  )
 
 
 def save(manager: ocp.CheckpointManager, state: Any, *, force=True) -> bool:
@@ -131,7 +137,10 @@ def restore_latest(
   aside = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      saved = _layout(manager.item_metadata(step).tree)
+      metadata = manager.item_metadata(step)
+      if metadata is None:
+        raise ValueError("no readable metadata")
+      saved = _layout(metadata.tree)
     except Exception as e:  # pylint: disable=broad-except
       # orbax/tensorstore raise many types for damaged files.
       aside.append(_set_aside(manager, step, _reason(e), log))

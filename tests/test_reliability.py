@@ -180,7 +180,8 @@ def test_damaged_checkpoints_are_set_aside_never_trusted(tmp_path):
   for step in (1, 2, 3):
     manager.save(step, args=ocp.args.StandardSave(_tiny_state(step)))
   manager.wait_until_finished()
-  # Step 3: metadata gone; step 2: every array file truncated.
+  manager.close()
+  # A fresh manager, as a resumed run has. Step 3: metadata gone; step 2: every array file truncated.
   (directory / "3" / "default" / "_METADATA").unlink()
   for f in (directory / "2" / "default").rglob("*"):
     if f.is_file() and f.parent.name == "d":
@@ -189,6 +190,7 @@ def test_damaged_checkpoints_are_set_aside_never_trusted(tmp_path):
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _tiny_state(0.0)
   )
   messages = []
+  manager = _manager(directory)
   restored = checkpoints.restore_latest(manager, target, messages.append)
   manager.close()
   np.testing.assert_array_equal(restored["w"], np.full((4, 3), 1.0))
@@ -206,6 +208,8 @@ def test_damaged_checkpoints_are_set_aside_never_trusted(tmp_path):
   manager = _manager(tmp_path / "other")
   manager.save(1, args=ocp.args.StandardSave(_tiny_state(1.0)))
   manager.wait_until_finished()
+  manager.close()
+  manager = _manager(tmp_path / "other")
   wrong = dict(target, w=jax.ShapeDtypeStruct((5, 3), jnp.float32))
   with pytest.raises(errors.ConfigError, match="other shapes"):
     checkpoints.restore_latest(manager, wrong)
