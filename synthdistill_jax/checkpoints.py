@@ -137,15 +137,15 @@ def restore_latest(
   aside = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      metadata = manager.item_metadata(step)
-      if metadata is None:
-        raise ValueError("no readable metadata")
-      saved = _layout(metadata.tree)
+      meta = manager.item_metadata(step)
+      # None: a manager without a known handler, not damage; the restore
+      # below decides.
+      saved = None if meta is None else _layout(meta.tree)
     except Exception as e:  # pylint: disable=broad-except
       # orbax/tensorstore raise many types for damaged files.
       aside.append(_set_aside(manager, step, _reason(e), log))
       continue
-    if saved != wanted:
+    if saved is not None and saved != wanted:
       raise errors.ConfigError(
           f"checkpoint {step} in {manager.directory} holds a student of other"
           f" shapes ({_first_difference(saved, wanted)}); resume with the"

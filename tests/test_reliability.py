@@ -217,6 +217,35 @@ def test_damaged_checkpoints_are_set_aside_never_trusted(tmp_path):
   assert (tmp_path / "other" / "1").exists()
 
 
+def test_a_fresh_manager_restores_intact_checkpoints(tmp_path):
+  # What a resumed process does: a new manager that has not saved or
+  # restored anything yet. Intact checkpoints must be restored, never taken
+  # for damage (orbax answers `item_metadata` with None until it knows the
+  # item's handler), and other shapes are still a config mistake.
+  directory = tmp_path / "checkpoints"
+  manager = _manager(directory)
+  for step in (1, 2):
+    manager.save(step, args=ocp.args.StandardSave(_tiny_state(step)))
+  manager.wait_until_finished()
+  manager.close()
+  target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _tiny_state(0.0)
+  )
+  messages = []
+  manager = _manager(directory)
+  restored = checkpoints.restore_latest(manager, target, messages.append)
+  manager.close()
+  np.testing.assert_array_equal(restored["w"], np.full((4, 3), 2.0))
+  assert not messages
+  assert not (tmp_path / "checkpoints.corrupt").exists()
+  manager = _manager(directory)
+  wrong = dict(target, w=jax.ShapeDtypeStruct((5, 3), jnp.float32))
+  with pytest.raises(errors.ConfigError, match="other shapes"):
+    checkpoints.restore_latest(manager, wrong, messages.append)
+  manager.close()
+  assert sorted(p.name for p in directory.iterdir()) == ["1", "2"]
+
+
 @pytest.mark.slow
 def test_corrupt_newest_checkpoint_resumes_from_the_previous(tmp_path):
   workdir = tmp_path / "run"
