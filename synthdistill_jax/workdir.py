@@ -2,9 +2,13 @@
 
 - `RunLock`: `WORKDIR/LOCK` names the trainer that holds the workdir (host,
   pid, start, heartbeat). A second trainer is refused with one line naming
-  the holder; a lock whose process is gone (same host: the pid is dead;
-  another host: no heartbeat for `STALE_AFTER_S`) is taken over, with a
-  message. Only process 0 of a multi-process run takes it.
+  the holder; a lock whose process is gone (same host: the pid is dead, or
+  alive but another process than the one that wrote the lock, by its start
+  time and the boot id, as in a restarted container with the same hostname
+  and pid; another host: no heartbeat for `STALE_AFTER_S`) is taken over,
+  with a message. A holder that finds its lock taken over stops its
+  heartbeat rather than overwrite the new holder's. Only process 0 of a
+  multi-process run takes it.
 - `check_or_store_config`: `WORKDIR/config.json` is the config of the run's
   checkpoints; resuming with another student, batch, sampler, seed or
   schedule (other than more epochs) is refused with one line naming the
@@ -76,6 +80,36 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
+# Tokens of the locks this process holds: a lock naming this process's pid
+# but none of these tokens was left by an earlier process that had the same
+# pid (a restarted container: same hostname, same small pid).
+_HELD_TOKENS = set()
+
+
+def _read_text(path: str) -> str | None:
+  # /proc is local and not a workdir path: plain reads.
+  try:
+    with open(path, encoding="ascii") as f:
+      return f.read().strip()
+  except (OSError, ValueError):
+    return None
+
+
+def _boot_id() -> str | None:
+  """This boot of this machine (Linux), None elsewhere."""
+  return _read_text("/proc/sys/kernel/random/boot_id")
+
+
+def _process_start(pid: int) -> str | None:
+  """When process `pid` started, in clock ticks since boot (Linux)."""
+  stat = _read_text(f"/proc/{pid}/stat")
+  if not stat:
+    return None
+  # Field 22; the command name (field 2) may hold spaces, so split after it.
+  fields = stat.rsplit(")", 1)[-1].split()
+  return fields[19] if len(fields) > 19 else None
+
+
 class RunLock:
   """`WORKDIR/LOCK`, held from `acquire()` to `release()` (or `with`).
 
@@ -104,7 +138,19 @@ class RunLock:
     if not holder:
       return False
     if holder.get("host") == socket.gethostname():
-      return _pid_alive(int(holder.get("pid", -1)))
+      pid = int(holder.get("pid", -1))
+      if pid == os.getpid():
+        # This process: live only if one of its own locks wrote it.
+        return holder.get("token") in _HELD_TOKENS
+      if not _pid_alive(pid):
+        return False
+      boot = holder.get("boot_id")
+      if boot and _boot_id() and boot != _boot_id():
+        return False  # The machine restarted: every pid is a new process.
+      start = holder.get("process_start")
+      if start and _process_start(pid) and start != _process_start(pid):
+        return False  # The pid was reused by another process.
+      return True
     return _now() - float(holder.get("heartbeat", 0)) < STALE_AFTER_S
 
   def _write(self) -> None:
@@ -135,12 +181,16 @@ class RunLock:
         pid=os.getpid(),
         started=_now(),
         token=self._token,
+        boot_id=_boot_id(),
+        process_start=_process_start(os.getpid()),
     )
+    _HELD_TOKENS.add(self._token)
     self._write()
     # Two trainers started in the same instant both wrote: the last write
     # wins, the other one sees a foreign token and stops.
     time.sleep(0.2)
     if (self._read() or {}).get("token") != self._token:
+      _HELD_TOKENS.discard(self._token)
       raise WorkdirBusyError(
           f"--workdir={self.path.parent}: another trainer took it at the"
           " same moment; use another --workdir"
@@ -152,6 +202,11 @@ class RunLock:
   def _beat(self) -> None:
     while not self._stop.wait(HEARTBEAT_S):
       try:
+        if (self._read() or {}).get("token") != self._token:
+          # Taken over while this process looked dead (e.g. a long stall):
+          # never overwrite the new holder's lock.
+          self._log(f"lost the lock {self.path} to another trainer")
+          return
         self._write()
       except OSError:
         pass  # A missed heartbeat only matters after STALE_AFTER_S.
@@ -163,6 +218,7 @@ class RunLock:
     self._stop.set()
     self._thread.join()
     self._thread = None
+    _HELD_TOKENS.discard(self._token)
     if (self._read() or {}).get("token") == self._token:
       self.path.unlink(missing_ok=True)
 

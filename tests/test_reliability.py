@@ -140,6 +140,60 @@ def test_a_live_lock_refuses_and_a_dead_one_is_taken_over(tmp_path):
   lock.release()
 
 
+def _write_lock(workdir, **fields):
+  holder = dict(host=os.uname().nodename, started=0.0, heartbeat=0.0)
+  holder.update(fields)
+  (workdir / "LOCK").write_text(json.dumps(holder))
+
+
+def test_a_lock_whose_pid_was_reused_is_taken_over(tmp_path):
+  # A restarted container has the same hostname and often the same small
+  # pid: the earlier incarnation's lock names a pid that is alive (us).
+  messages = []
+  _write_lock(tmp_path, pid=os.getpid(), token="an-earlier-process")
+  lock = workdir_lib.RunLock(tmp_path, messages.append).acquire()
+  assert any("taking over the lock" in m for m in messages), messages
+  lock.release()
+  if workdir_lib._boot_id() is None:  # pylint: disable=protected-access
+    pytest.skip("no /proc: pid reuse beyond this process is not detectable")
+  live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    start = workdir_lib._process_start(live.pid)  # pylint: disable=protected-access
+    boot = workdir_lib._boot_id()  # pylint: disable=protected-access
+    # The same live process: refused.
+    _write_lock(tmp_path, pid=live.pid, process_start=start, boot_id=boot)
+    with pytest.raises(workdir_lib.WorkdirBusyError):
+      workdir_lib.RunLock(tmp_path).acquire()
+    # A live pid that is another process than the one that wrote the lock
+    # (other start time), or a lock from before a reboot: taken over.
+    for fields in (
+        dict(process_start="1", boot_id=boot),
+        dict(process_start=start, boot_id="another-boot"),
+    ):
+      messages.clear()
+      _write_lock(tmp_path, pid=live.pid, **fields)
+      workdir_lib.RunLock(tmp_path, messages.append).acquire().release()
+      assert any("taking over the lock" in m for m in messages), fields
+  finally:
+    live.kill()
+    live.wait()
+
+
+def test_heartbeat_never_overwrites_a_new_holder(tmp_path, monkeypatch):
+  monkeypatch.setattr(workdir_lib, "HEARTBEAT_S", 0.01)
+  messages = []
+  lock = workdir_lib.RunLock(tmp_path, messages.append).acquire()
+  # Another trainer took the lock over while this one looked dead.
+  _write_lock(tmp_path, pid=1, token="the-new-holder", heartbeat=1e12)
+  lock._thread.join(timeout=30)  # pylint: disable=protected-access
+  assert json.loads((tmp_path / "LOCK").read_text())["token"] == (
+      "the-new-holder"
+  )
+  assert any("lost the lock" in m for m in messages), messages
+  lock.release()
+  assert (tmp_path / "LOCK").exists()  # Not ours to remove.
+
+
 @pytest.mark.slow
 def test_second_trainer_on_one_workdir_is_refused(tmp_path):
   env = dict(os.environ, XLA_FLAGS="")
