@@ -163,6 +163,16 @@ def restore_latest(
         f" and moved aside ({', '.join(aside)}); start a new --workdir or"
         " restore a copy"
     )
+  directory = epath.Path(manager.directory)
+  corrupt = directory.parent / f"{directory.name}.corrupt"
+  if corrupt.exists() and any(corrupt.iterdir()):
+    # An earlier start set every checkpoint aside: running again must not
+    # start afresh (and drop the run's metrics after iteration 0).
+    raise CheckpointError(
+        f"no restorable checkpoint in {directory}; the damaged ones are in"
+        f" {corrupt}: start a new --workdir, or restore a copy into"
+        f" {directory}"
+    )
   return None
 
 

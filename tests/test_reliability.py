@@ -258,6 +258,12 @@ def test_damaged_checkpoints_are_set_aside_never_trusted(tmp_path):
     checkpoints.restore_latest(manager, target, messages.append)
   manager.close()
   assert "no restorable checkpoint" in _one_line_error(str(info.value))
+  # Running again is refused again: never a fresh start over the run.
+  manager = _manager(directory)
+  with pytest.raises(checkpoints.CheckpointError) as info:
+    checkpoints.restore_latest(manager, target, messages.append)
+  manager.close()
+  assert "checkpoints.corrupt" in _one_line_error(str(info.value))
   # A checkpoint of other shapes is a config mistake: nothing moved.
   manager = _manager(tmp_path / "other")
   manager.save(1, args=ocp.args.StandardSave(_tiny_state(1.0)))
