@@ -275,12 +275,13 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
   Returns:
     A `TrainResult`.
   """
+  # Every field, device count, input path and the workdir: before anything
+  # is built (under a second). The raw name: an empty one must not become
+  # the current directory.
+  validation.check_training_config(config, os.fspath(workdir))
   workdir = checkpoints.resolve_path(workdir)
   primary = jax.process_index() == 0
   log = tqdm.tqdm.write if primary else (lambda _: None)
-  # Every field, device count, input path and the workdir: before anything
-  # is built (under a second).
-  validation.check_training_config(config, os.fspath(workdir))
   lock = workdir_lib.RunLock(workdir, log).acquire()
   try:
     workdir_lib.remove_stale_temporaries(workdir, log)

@@ -13,6 +13,7 @@ import uuid
 
 from etils import epath
 import jax
+import ml_collections
 
 from synthdistill_jax import errors
 from synthdistill_jax import networks
@@ -100,7 +101,7 @@ def check_workdir(workdir: str) -> None:
   Args:
     workdir: local path or URI (gs://...).
   """
-  if not workdir:
+  if not workdir.strip():
     raise ConfigError("--workdir is empty: give the run's output folder")
   path = epath.Path(workdir)
   if path.exists() and not path.is_dir():
@@ -149,6 +150,42 @@ def check_paths(config) -> None:
     training.check_evals_config(evals)
 
 
+def _missing_fields(config, base, prefix: str = "") -> list[str]:
+  """Fields of `base` (the defaults) that `config` lacks, dotted."""
+  missing = []
+  for key, value in base.items():
+    if key not in config:
+      missing.append(prefix + key)
+    elif isinstance(value, ml_collections.ConfigDict) and isinstance(
+        config[key], ml_collections.ConfigDict
+    ):
+      missing += _missing_fields(config[key], value, f"{prefix}{key}.")
+  return missing
+
+
+def check_structure(config) -> None:
+  """The config is a `ConfigDict` with every field of the defaults.
+
+  A config file that returns something else, or builds its own
+  `ConfigDict` without `defaults.base_config()`, would otherwise fail with
+  a traceback at the first missing field.
+  """
+  from synthdistill_jax import defaults  # pylint: disable=g-import-not-at-top
+
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(
+        f"--config: get_config() returned a {type(config).__name__}, not an"
+        " ml_collections.ConfigDict; start from defaults.base_config()"
+    )
+  missing = _missing_fields(config, defaults.base_config())
+  if missing:
+    raise ConfigError(
+        f"--config: the config has no field {missing[0]}"
+        f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''};"
+        " start from synthdistill_jax.defaults.base_config()"
+    )
+
+
 def check_training_config(config, workdir: str) -> None:
   """All the checks above, cheapest first.
 
@@ -159,6 +196,7 @@ def check_training_config(config, workdir: str) -> None:
   Raises:
     ConfigError: one line naming the field (or flag) and the fix.
   """
+  check_structure(config)
   check_numbers(config)
   check_devices(config)
   check_paths(config)

@@ -92,6 +92,21 @@ def test_workdir_that_is_a_file_or_unwritable(tmp_path):
       validation.check_workdir(str(workdir))
 
 
+def test_an_empty_workdir_is_refused_not_the_current_folder(
+    tmp_path, monkeypatch
+):
+  monkeypatch.chdir(tmp_path)
+
+  def create(*args, **kwargs):
+    raise AssertionError("built an experiment for an empty --workdir")
+
+  monkeypatch.setattr(train.experiment, "create", create)
+  for workdir in ("", " "):
+    with pytest.raises(errors.ConfigError, match="--workdir is empty"):
+      train.train_and_evaluate(tiny.tiny_config(), workdir)
+  assert not list(tmp_path.iterdir())  # Nothing written where we stand.
+
+
 def test_command_line_mistakes_are_one_line(tmp_path):
   cases = [
       (["--config=configs/nope.py"], "--config=configs/nope.py: no such"),
@@ -105,6 +120,19 @@ def test_command_line_mistakes_are_one_line(tmp_path):
           "unknown argument 'bogus'",
       ),
       ([TINY, "--config.checkpoint.keep=0"], "checkpoint.keep=0"),
+  ]
+  # Config files that return something else than a full config.
+  number = tmp_path / "number.py"
+  number.write_text("def get_config():\n  return 5\n")
+  partial = tmp_path / "partial.py"
+  partial.write_text(
+      "import ml_collections\n"
+      "def get_config():\n"
+      "  return ml_collections.ConfigDict({'seed': 1})\n"
+  )
+  cases += [
+      ([f"--config={number}"], "returned a int, not an"),
+      ([f"--config={partial}"], "the config has no field"),
   ]
   env = dict(os.environ, XLA_FLAGS="")
   for args, expected in cases:
