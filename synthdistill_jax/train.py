@@ -393,14 +393,16 @@ def _loop(run: _Run, state) -> TrainResult:
       unit="it",
       enabled=config.progress_bar,
   )
-  if step == 0 and sched.val_batches:
-    # The starting point of the held-out curve.
-    result.validation.append(_epoch_end(run, state, 0, 0))
-  # images/s of each logging window counts iterations only: the window
-  # restarts after the first call (compilation) and after every
-  # validation, evaluation and save.
-  window_start, window_steps = None, 0
+  # SIGTERM is caught from here on, the first validation included: it then
+  # stops after the first iteration, saved, instead of killing the process.
   with checkpoints.PreemptionFlag() as flag, bar:
+    if step == 0 and sched.val_batches:
+      # The starting point of the held-out curve.
+      result.validation.append(_epoch_end(run, state, 0, 0))
+    # images/s of each logging window counts iterations only: the window
+    # restarts after the first call (compilation) and after every
+    # validation, evaluation and save.
+    window_start, window_steps = None, 0
     while step < total:
       if window_start is None:
         first_call = time.perf_counter()

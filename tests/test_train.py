@@ -67,8 +67,13 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   config = tiny_config(**{"schedule.steps_per_epoch": 2})
   train.train_and_evaluate(config, str(tmp_path))
   # Resumed with an absurd learning rate, the loss blows up in step 3.
+  # A deliberate change of the stored config (WORKDIR/config.json).
   bad = tiny_config(
-      **{"schedule.steps_per_epoch": 4, "optimizer.learning_rate": 1e30}
+      **{
+          "schedule.steps_per_epoch": 4,
+          "optimizer.learning_rate": 1e30,
+          "allow_config_change": True,
+      }
   )
   with pytest.raises(train.TrainingDiverged, match="non-finite loss"):
     train.train_and_evaluate(bad, str(tmp_path))
