@@ -40,6 +40,7 @@ from typing import Any
 from absl import app
 from absl import flags
 import jax
+import numpy as np
 from ml_collections import config_flags
 
 from synthdistill_jax import distill
@@ -235,19 +236,33 @@ def compile_for_topology(
   Returns:
     The record that goes into the JSON file.
   """
-  devices = get_topology_devices(topology)
-  chips = len(devices)
+  # The chips a `<gen>:<AxBxC>` name asks for, checked before libtpu loads
+  # (it prints a warning line on hosts without TPUs).
+  shape = topology.split(":", 1)[-1].split("x")
+  chips = (
+      int(np.prod([int(d) for d in shape]))
+      if all(d.isdigit() for d in shape)
+      else 0
+  )
   batch = int(config.schedule.batch_size)
   if config.mesh.num_devices:
     raise AotError(
         "mesh.num_devices: the ahead-of-time compile uses every chip of"
         " the slice; leave it at 0"
     )
-  if batch <= 0 or batch % chips:
-    raise AotError(
-        f"schedule.batch_size={batch} does not divide over the {chips} chips"
-        f" of {topology}; use a multiple of {chips}"
-    )
+
+  def check_batch(chips):
+    if batch <= 0 or batch % chips:
+      raise AotError(
+          f"schedule.batch_size={batch} does not divide over the {chips}"
+          f" chips of {topology}; use a multiple of {chips}"
+      )
+
+  if ":" in topology and chips:
+    check_batch(chips)
+  devices = get_topology_devices(topology)
+  chips = len(devices)
+  check_batch(chips)
   if config.sampler.kind == "static":
     raise AotError(
         "sampler.kind='static': compile the generator's path ('dynamic' or"

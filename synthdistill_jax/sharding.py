@@ -143,3 +143,26 @@ def to_host(tree: Any) -> Any:
     return np.asarray(x)
 
   return jax.tree.map(fetch, tree)
+
+
+def wait_for_all_processes(name: str, timeout_s: float = 3600.0) -> None:
+  """A barrier over every process, through the coordination service.
+
+  Unlike a collective (`multihost_utils.sync_global_devices`, which on CPU
+  hosts gives up after gloo's 30 s), it waits as long as `timeout_s`: use it
+  where processes may drift apart by more (compiling at different speeds,
+  process 0 writing reports), so that the next collective starts together.
+
+  Args:
+    name: a name unique to this point of the run (e.g. with the step).
+    timeout_s: how long to wait for the slowest process.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+
+  client = distributed.global_state.client
+  if client is None:  # Multi-process without jax.distributed: a collective.
+    multihost_utils.sync_global_devices(name)
+    return
+  client.wait_at_barrier(name, int(timeout_s * 1000))

@@ -204,6 +204,8 @@ def _epoch_end(run: _Run, state, step: int, epoch: int) -> dict:
     run.writer.write(step, "evals", results)
     run.log(f"epoch {epoch}: {_format(results)}")
   report.write_run_report(run.workdir, config, _report_info(run, step))
+  # Process 0 wrote the report; the others wait here, not in a collective.
+  sharding.wait_for_all_processes(f"synthdistill:epoch-end:{step}")
   return dict(val, step=step)
 
 
@@ -311,6 +313,8 @@ def _train(config, workdir: epath.Path, log) -> TrainResult:
     evaluator = evaluation.create_training_evaluator(
         evals, exp.student.module, exp.mesh
     )
+  # Hosts compile at different speeds: meet before the first collective.
+  sharding.wait_for_all_processes("synthdistill:setup")
   # --- Restored if the workdir has a checkpoint (damaged ones set aside).
   manager = checkpoints.create_manager(
       workdir / "checkpoints",
@@ -341,6 +345,7 @@ def _train(config, workdir: epath.Path, log) -> TrainResult:
     img, crops = exp.render(exp.gen_vars, jax.random.PRNGKey(config.seed))
     if primary:
       metrics_io.write_face_grid(grid_path, img[:n], crops[:n])
+    sharding.wait_for_all_processes("synthdistill:face-grid")
   run = _Run(
       exp=exp,
       workdir=workdir,

@@ -109,13 +109,42 @@ def test_aot_compiles_for_a_four_chip_slice(converted_generator, tmp_path):
   assert record["collectives"].get("all-reduce", 0) >= 1
 
 
-def test_aot_refuses_a_batch_the_chips_do_not_divide():
+def _aot_cli(*flags):
+  return subprocess.run(
+      [sys.executable, "-m", "synthdistill_jax.aot", *flags],
+      capture_output=True,
+      text=True,
+      check=False,
+      cwd=ROOT,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
+
+
+def test_aot_refuses_a_batch_the_chips_do_not_divide(tmp_path):
+  # In subprocesses: libtpu is never loaded into the test process (the
+  # profiler test crashed in a worker that had it loaded).
   pytest.importorskip("libtpu")
-  config = tiny.tiny_config(**{"schedule.batch_size": 6})
-  with pytest.raises(aot.AotError, match="does not divide over the 4 chips"):
-    aot.compile_for_topology(config, "v5e:2x2")
-  with pytest.raises(aot.AotError, match="--topology='v5e'"):
-    aot.compile_for_topology(config, "v5e")
+  tiny_config = f"--config={ROOT / 'configs' / 'demo.py'}:tiny"
+  output = tmp_path / "aot.json"
+  for flags, expected in (
+      (
+          ["--topology=v5e:2x2", "--batch_size=6"],
+          "schedule.batch_size=6 does not divide over the 4 chips of v5e:2x2;"
+          " use a multiple of 4",
+      ),
+      (["--topology=v5e"], "--topology='v5e': expected <generation>:<shape>"),
+      (["--topology=v9z:2x2"], "--topology='v9z:2x2': "),
+  ):
+    result = _aot_cli(tiny_config, f"--output={output}", *flags)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [
+        l for l in result.stderr.splitlines() if l.startswith("aot: error:")
+    ]
+    assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
+    assert not output.exists()
+    if "batch_size" in expected:
+      # Checked before libtpu loads: nothing but the one line.
+      assert result.stderr.strip() == lines[0]
 
 
 def test_count_convolutions_reads_operand_dtypes():

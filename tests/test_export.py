@@ -109,7 +109,7 @@ def test_export_cli_onnx_round_trip_within_1e4(tmp_path):
   )
   assert float(numbers["torch"]) <= 1e-4 and float(numbers["onnx"]) <= 1e-4
   assert float(numbers["max_abs_ref"]) > 1.0
-  assert (model_dir / "student.onnx").stat().st_size > 1e6
+  assert os.path.getsize(model_dir / "student.onnx") > 1e6
 
 
 def test_round_trip_matches_jax_within_1e4(tmp_path):
