@@ -265,3 +265,66 @@ def write_official_pickle(
     )
     write_pickle(path, data)
   return g_kwargs
+
+
+# NVIDIA's FFHQ 256x256 StyleGAN2 (`stylegan2-ffhq-256x256.pkl`, stylegan3
+# code): the Generator init kwargs as pickled.
+FFHQ_256_KWARGS = dict(
+    z_dim=512,
+    c_dim=0,
+    w_dim=512,
+    img_resolution=256,
+    img_channels=3,
+    mapping_kwargs=dict(num_layers=8),
+    channel_base=16384,
+    channel_max=512,
+    num_fp16_res=4,
+    conv_clamp=256,
+    architecture="skip",
+)
+
+
+def write_random_pickle(path, init_kwargs=None, seed=0):
+  """An official-format snapshot of a generator with random weights.
+
+  Args:
+    path: output file.
+    init_kwargs: Generator init kwargs as NVIDIA pickles them (stylegan3
+      flavour; default: the FFHQ-256 config).
+    seed: seed of the weights.
+
+  Returns:
+    The path.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+
+  from synthdistill_jax.convert import stylegan2 as convert_sg2  # pylint: disable=g-import-not-at-top
+  from synthdistill_jax.models import stylegan2  # pylint: disable=g-import-not-at-top
+
+  init_kwargs = dict(init_kwargs or FFHQ_256_KWARGS)
+  module = stylegan2.create(
+      "stylegan2", **convert_sg2._normalise_config(init_kwargs)  # pylint: disable=protected-access
+  )
+  rng = np.random.default_rng(seed)
+  sd = {}
+  for key, (_, _, shape) in convert_sg2.expected_shapes(module).items():
+    torch_shape = convert_sg2._torch_shape(key, shape)  # pylint: disable=protected-access
+    sd[key] = torch.from_numpy(
+        rng.standard_normal(torch_shape).astype(np.float32)
+    )
+  res = init_kwargs["img_resolution"]
+  resolutions = [2**i for i in range(2, int(np.log2(res)) + 1)]
+  with fake_nvidia_modules() as fake:
+    g_kwargs = dict(init_kwargs)
+    g_kwargs["mapping_kwargs"] = fake.EasyDict(g_kwargs["mapping_kwargs"])
+    attrs = generator_attributes(
+        g_kwargs, "stylegan3", resolutions, state_attrs=False
+    )
+    write_pickle(path, dict(G_ema=build_tree(sd, {}, attrs, "")))
+  return path
+
+
+if __name__ == "__main__":
+  # python -m tests.nvidia_pickles OUT.pkl: a random FFHQ-256 snapshot.
+  write_random_pickle(sys.argv[1])
+  print(f"wrote {sys.argv[1]}")
