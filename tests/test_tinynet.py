@@ -271,10 +271,15 @@ def test_bfloat16_block_is_close_to_float32():
 
 
 @pytest.mark.parametrize(
-    "kernel,stride,size", [(3, 1, 7), (5, 2, 9), (3, 2, 8)]
+    "kernel,stride,size",
+    [(3, 1, 7), (5, 1, 8), (5, 2, 9), (5, 2, 8), (3, 2, 8), (3, 2, 2)],
 )
 def test_depthwise_slices_equal_the_grouped_conv(kernel, stride, size):
-  """Forward and gradients of both `conv_dw` methods agree."""
+  """Forward and gradients of both `conv_dw` methods agree.
+
+  The slices' gradient is the hand-written VJP (`_depthwise_bwd`): odd and
+  even sizes cover the high pads of the dilated `dy` at stride 2.
+  """
   x = jax.random.normal(jax.random.key(0), (2, size, size + 1, 6))
   variables = tinynet.DepthwiseConv(6, kernel, stride).init(
       jax.random.key(1), x
