@@ -68,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict()
   config.mesh.num_devices = 0  # Devices on the 'data' axis; 0 = all.
   config.mesh.student_sharding = "replicated"  # Or 'sharded' (ZeRO-3).
+  # 'auto': the iteration as separate executables on CPU (faster there, see
+  # synthdistill_jax/programs.py), one program on TPU/GPU; or 'on' / 'off'.
+  config.mesh.split_iteration = "auto"
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 1000  # Save every N iterations (and end).

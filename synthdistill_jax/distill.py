@@ -284,6 +284,81 @@ def _static_iteration(spec, state, static_batches):
   return state.replace(step=state.step + 1), _merge_metrics(m1, m2)
 
 
+def begin_iteration(spec: DistillSpec, state: TrainState, gen_vars: Any):
+  """The iteration's key and the latents of its first update.
+
+  Args:
+    spec: the program spec.
+    state: current state.
+    gen_vars: generator variables.
+
+  Returns:
+    `(key, w)`: the iteration key (every other stream is folded from it) and
+    `[B, w_dim]` latents.
+  """
+  key = jax.random.fold_in(state.rng, state.step)
+  return key, sample_latents(spec, gen_vars, _key(key, 0, _Z))
+
+
+def render_and_embed(
+    spec: DistillSpec,
+    gen_vars: Any,
+    teacher_vars: Any,
+    w: jax.Array,
+    key: jax.Array,
+    update: jax.Array | int,
+):
+  """Faces of `w` with the pixel noise of `update`, and their teacher targets.
+
+  Args:
+    spec: the program spec.
+    gen_vars: generator variables.
+    teacher_vars: teacher variables.
+    w: `[B, w_dim]` latents.
+    key: the iteration key (`begin_iteration`).
+    update: 0 or 1, the update within the iteration (may be traced).
+
+  Returns:
+    `(x, t)`: `[B, 112, 112, 3]` faces in [0, 1] and `[B, D]` embeddings.
+  """
+  x = render_faces(spec, gen_vars, w, _key(key, update, _NOISE))
+  return x, embed_teacher(spec, teacher_vars, x)
+
+
+def next_latents(
+    spec: DistillSpec,
+    gen_vars: Any,
+    key: jax.Array,
+    w: jax.Array,
+    s: jax.Array,
+    t: jax.Array,
+):
+  """The second update's latents: re-sampled from `w` or fresh (`dynamic`).
+
+  Args:
+    spec: the program spec.
+    gen_vars: generator variables.
+    key: the iteration key.
+    w: the first update's latents.
+    s: student embeddings of the first batch from before the first update.
+    t: teacher embeddings of the first batch.
+
+  Returns:
+    `[B, w_dim]` latents.
+  """
+  if spec.sampler == "resample":
+    eps = jax.random.normal(_key(key, 1, _EPS), w.shape, w.dtype)
+    return resample_latents(
+        w, s, t, _constrain(spec, eps), spec.resampling_coef
+    )
+  return sample_latents(spec, gen_vars, _key(key, 1, _Z))
+
+
+def finish_iteration(state: TrainState, first: dict, second: dict):
+  """Counts the iteration and merges the metrics of its two updates."""
+  return state.replace(step=state.step + 1), _merge_metrics(first, second)
+
+
 def iteration(
     spec: DistillSpec,
     state: TrainState,
@@ -294,7 +369,10 @@ def iteration(
   """One SynthDistill iteration: two updates (see the module docstring).
 
   Update 0 draws fresh latents; update 1 draws fresh ones too (`dynamic`)
-  or re-samples update 0's (`resample`), with `s` from before update 0.
+  or re-samples update 0's (`resample`), with `s` from before update 0. The
+  pieces (`begin_iteration`, `render_and_embed`, `train_step`,
+  `next_latents`, `finish_iteration`) are also compiled one by one on CPU
+  (`synthdistill_jax.programs`), with the same results.
 
   Args:
     spec: the program spec.
@@ -309,26 +387,16 @@ def iteration(
   """
   if spec.sampler == "static":
     return _static_iteration(spec, state, static_batches)
-  key = jax.random.fold_in(state.rng, state.step)
-
-  def update(state, w, k: int):
-    x = render_faces(spec, gen_vars, w, _key(key, k, _NOISE))
-    t = embed_teacher(spec, teacher_vars, x)
-    state, metrics, s = train_step(spec, state, x, t, k)
-    return state, metrics, s, t
-
   # The two updates are written out (XLA:CPU runs convolutions inside a
   # while loop about 10x slower: 13.6 s vs 1.4 s per demo iteration), so
   # each computes only the latents it uses.
-  w = sample_latents(spec, gen_vars, _key(key, 0, _Z))
-  state, first, s, t = update(state, w, 0)
-  if spec.sampler == "resample":
-    eps = jax.random.normal(_key(key, 1, _EPS), w.shape, w.dtype)
-    w = resample_latents(w, s, t, _constrain(spec, eps), spec.resampling_coef)
-  else:
-    w = sample_latents(spec, gen_vars, _key(key, 1, _Z))
-  state, second, _, _ = update(state, w, 1)
-  return state.replace(step=state.step + 1), _merge_metrics(first, second)
+  key, w = begin_iteration(spec, state, gen_vars)
+  x, t = render_and_embed(spec, gen_vars, teacher_vars, w, key, 0)
+  state, first, s = train_step(spec, state, x, t, 0)
+  w = next_latents(spec, gen_vars, key, w, s, t)
+  x, t = render_and_embed(spec, gen_vars, teacher_vars, w, key, 1)
+  state, second, _ = train_step(spec, state, x, t, 1)
+  return finish_iteration(state, first, second)
 
 
 def evaluate_batch(

@@ -26,6 +26,7 @@ from synthdistill_jax import distill
 from synthdistill_jax import errors
 from synthdistill_jax import models
 from synthdistill_jax import networks
+from synthdistill_jax import programs
 from synthdistill_jax import sharding
 from synthdistill_jax import validation
 from synthdistill_jax.models import registry
@@ -128,6 +129,10 @@ def check_config(config, num_devices: int) -> None:
         f"mesh.student_sharding={mode!r}: known"
         f" {', '.join(sharding.STUDENT_SHARDINGS)}"
     )
+  try:
+    programs.check_split_mode(config.mesh.get("split_iteration", "auto"))
+  except ValueError as e:
+    raise ConfigError(f"mesh.{e}") from None
   batch = config.schedule.batch_size
   if batch <= 0 or batch % num_devices or batch % jax.process_count():
     raise ConfigError(
@@ -355,25 +360,30 @@ def place_frozen(config, mesh, spec, generator, teacher):
   return gen_vars, teacher_vars, render
 
 
-def compile_programs(spec, mesh, state_shardings):
+def compile_programs(spec, mesh, state_shardings, split: str = "auto"):
   """Jits the iteration (state donated) and the held-out evaluation.
 
   Args:
     spec: the `distill.DistillSpec`.
     mesh: the device mesh.
     state_shardings: shardings of the `TrainState`.
+    split: `mesh.split_iteration` (`programs.use_split`).
 
   Returns:
-    `(iterate, evaluate)` jitted functions.
+    `(iterate, evaluate)`: the jitted iteration or a
+    `programs.SplitIteration`, and the jitted evaluation.
   """
   rep = sharding.replicated(mesh)
   batch = sharding.batch_sharding(mesh)
-  iterate = jax.jit(
-      functools.partial(distill.iteration, spec),
-      in_shardings=(state_shardings, rep, rep, batch),
-      out_shardings=(state_shardings, rep),
-      donate_argnums=0,
-  )
+  if programs.use_split(split, mesh, spec.sampler):
+    iterate = programs.SplitIteration(spec, mesh, state_shardings)
+  else:
+    iterate = jax.jit(
+        functools.partial(distill.iteration, spec),
+        in_shardings=(state_shardings, rep, rep, batch),
+        out_shardings=(state_shardings, rep),
+        donate_argnums=0,
+    )
   evaluate = jax.jit(
       functools.partial(distill.evaluate_batch, spec),
       in_shardings=(state_shardings, rep, rep, rep),
@@ -437,7 +447,9 @@ def create(
         config, mesh, spec, generator, teacher
     )
   state, state_shardings = create_state(mesh, config, student, tx, abstract)
-  iterate, evaluate = compile_programs(spec, mesh, state_shardings)
+  iterate, evaluate = compile_programs(
+      spec, mesh, state_shardings, config.mesh.get("split_iteration", "auto")
+  )
   return Experiment(
       config=config,
       mesh=mesh,

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from synthdistill_jax import distill
 from synthdistill_jax import experiment
 from synthdistill_jax import faces
+from synthdistill_jax import programs
 from synthdistill_jax import progress
 from synthdistill_jax import sharding
 from synthdistill_jax.benchmark import timing
@@ -72,10 +73,17 @@ def build_stages(exp: experiment.Experiment, key: jax.Array) -> list:
   embed = functools.partial(distill.embed_teacher, spec)
   state_sh = exp.state_shardings
   gv, tv = exp.gen_vars, exp.teacher_vars
+  # The frozen networks compiled as the trainer compiles them (on CPU
+  # without YNNPACK fusions, `programs.SplitIteration`).
+  options = getattr(exp.iterate, "render_options", None)
+
+  def frozen(fn, **kwargs):
+    return programs.WithOptions(jax.jit(fn, **kwargs), options)
+
   return [
-      (gen, jax.jit(generate, out_shardings=batch), lambda o: (gv, key), n),
-      (crop, jax.jit(faces.generator_to_faces), lambda o: (o[gen],), n),
-      (teach, jax.jit(embed), lambda o: (tv, o[crop]), n),
+      (gen, frozen(generate, out_shardings=batch), lambda o: (gv, key), n),
+      (crop, frozen(faces.generator_to_faces), lambda o: (o[gen],), n),
+      (teach, frozen(embed), lambda o: (tv, o[crop]), n),
       (
           upd,
           jax.jit(update, out_shardings=(state_sh, rep), donate_argnums=0),

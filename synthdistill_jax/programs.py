@@ -1,0 +1,290 @@
+"""The iteration as one program, or on CPU as five compiled separately.
+
+`distill.iteration` is one jitted program everywhere but on XLA:CPU, where
+`SplitIteration` runs its pieces as separate executables with the same
+shardings and the same results:
+
+  begin (key, latents) -> render+teacher -> student step -> next latents
+  -> render+teacher -> student step -> finish (count, merge metrics)
+
+Why on CPU:
+
+* XLA:CPU's YNNPACK fusions (on by default in jaxlib 0.10) suit the
+  student's small matmuls and reductions but slow the generator's and the
+  teacher's large convolutions: the render+teacher program is compiled
+  without them (`RENDER_CPU_OPTIONS`: generator 3.9 -> 5.5 img/s, teacher
+  11.8 -> 15.7 img/s on a 2-core AVX-512 host), which compiler options can
+  only do per executable.
+* The fused program holds the student step twice; split, each piece is
+  compiled once, and the pieces compile in parallel threads.
+
+On TPU and GPU the iteration stays one program (`split_iteration='auto'`):
+there XLA overlaps and fuses across the pieces and a dispatch per piece
+would cost more than it saves; the AOT compile for TPU slices is unchanged.
+"""
+
+import concurrent.futures
+import functools
+from typing import Any
+
+import jax
+import numpy as np
+
+from synthdistill_jax import distill
+from synthdistill_jax import sharding
+
+SPLIT_MODES = ("auto", "on", "off")
+
+# XLA:CPU options of the render+teacher executable: no YNNPACK fusions, so
+# that convolutions take XLA's own (Eigen) path.
+RENDER_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def check_split_mode(mode: str) -> str:
+  """Returns `mode` if it is one of `SPLIT_MODES`.
+
+  Args:
+    mode: the `split_iteration` setting.
+
+  Returns:
+    `mode`.
+
+  Raises:
+    ValueError: one line naming `split_iteration` and the known modes.
+  """
+  if mode not in SPLIT_MODES:
+    raise ValueError(
+        f"split_iteration={mode!r}: known {', '.join(SPLIT_MODES)} ('auto':"
+        " separate programs on CPU, one program on TPU and GPU)"
+    )
+  return mode
+
+
+def use_split(mode: str, mesh: jax.sharding.Mesh, sampler: str) -> bool:
+  """Whether the iteration runs as separate executables.
+
+  Args:
+    mode: `split_iteration`, one of `SPLIT_MODES` ('auto': on CPU only).
+    mesh: the device mesh (its platform decides 'auto').
+    sampler: the sampler; the static one has no generator to split off.
+
+  Returns:
+    True for `SplitIteration`, False for one jitted `distill.iteration`.
+
+  Raises:
+    ValueError: one line naming `split_iteration` for an unknown mode.
+  """
+  if sampler == "static" or check_split_mode(mode) == "off":
+    return False
+  return mode == "on" or mesh.devices.flat[0].platform == "cpu"
+
+
+class SplitIteration:
+  """`distill.iteration` as separately compiled pieces (see the module doc).
+
+  Called like the jitted iteration, `(state, gen_vars, teacher_vars,
+  static_batches) -> (state, metrics)`, with the state donated; `lower`
+  and `compile` mirror `jax.jit`'s ahead-of-time API for the benchmark.
+
+  Attributes:
+    programs: name -> `(jitted, calls per iteration)`.
+    render_options: the XLA options of the render+teacher piece (None:
+      the backend's defaults).
+  """
+
+  def __init__(self, spec: distill.DistillSpec, mesh, state_shardings):
+    rep = sharding.replicated(mesh)
+    batch = sharding.batch_sharding(mesh)
+    on_cpu = mesh.devices.flat[0].platform == "cpu"
+    self.render_options = RENDER_CPU_OPTIONS if on_cpu else None
+    self._updates = [
+        jax.device_put(np.int32(k), rep)
+        for k in range(distill.UPDATES_PER_ITERATION)
+    ]
+    part = functools.partial
+    self.programs = {
+        "begin": (
+            jax.jit(
+                part(distill.begin_iteration, spec),
+                in_shardings=(state_shardings, rep),
+                out_shardings=(rep, batch),
+            ),
+            1,
+        ),
+        "render": (
+            jax.jit(
+                part(distill.render_and_embed, spec),
+                in_shardings=(rep, rep, batch, rep, rep),
+                out_shardings=(batch, batch),
+            ),
+            distill.UPDATES_PER_ITERATION,
+        ),
+        "step": (
+            jax.jit(
+                part(distill.train_step, spec),
+                in_shardings=(state_shardings, batch, batch, rep),
+                out_shardings=(state_shardings, rep, batch),
+                donate_argnums=0,
+            ),
+            distill.UPDATES_PER_ITERATION,
+        ),
+        "next": (
+            jax.jit(
+                part(distill.next_latents, spec),
+                in_shardings=(rep, rep, batch, batch, batch),
+                out_shardings=batch,
+            ),
+            1,
+        ),
+        "finish": (
+            jax.jit(
+                distill.finish_iteration,
+                in_shardings=(state_shardings, rep, rep),
+                out_shardings=(state_shardings, rep),
+                donate_argnums=0,
+            ),
+            1,
+        ),
+    }
+    self._compiled = None
+
+  def _run(self, run: dict, state, gen_vars, teacher_vars):
+    """The iteration with `run[name]` as the callable of each piece."""
+    k0, k1 = self._updates
+    key, w = run["begin"](state, gen_vars)
+    x, t = run["render"](gen_vars, teacher_vars, w, key, k0)
+    state, first, s = run["step"](state, x, t, k0)
+    w = run["next"](gen_vars, key, w, s, t)
+    x, t = run["render"](gen_vars, teacher_vars, w, key, k1)
+    state, second, _ = run["step"](state, x, t, k1)
+    return run["finish"](state, first, second)
+
+  def _abstract_args(self, state, gen_vars, teacher_vars) -> dict:
+    """Each piece's arguments as shapes, traced through `jax.eval_shape`."""
+    args = {}
+
+    def record(name):
+      jitted = self.programs[name][0]
+
+      def call(*a):
+        args.setdefault(name, a)
+        return jax.eval_shape(jitted, *a)
+
+      return call
+
+    jax.eval_shape(
+        lambda *a: self._run({n: record(n) for n in self.programs}, *a),
+        state,
+        gen_vars,
+        teacher_vars,
+    )
+    return args
+
+  def lower(self, state, gen_vars, teacher_vars, static_batches=None):
+    """Lowers every piece for these arguments (arrays or shapes)."""
+    del static_batches  # The split iteration renders its own faces.
+    args = self._abstract_args(state, gen_vars, teacher_vars)
+    return LoweredSplit(
+        {
+            name: (jitted.lower(*args[name]), calls)
+            for name, (jitted, calls) in self.programs.items()
+        },
+        {"render": self.render_options},
+        self,
+    )
+
+  def __call__(self, state, gen_vars, teacher_vars, static_batches=None):
+    if self._compiled is None:
+      # Compiles the pieces in parallel threads (XLA releases the GIL).
+      self._compiled = self.lower(state, gen_vars, teacher_vars).compile()
+    return self._compiled(state, gen_vars, teacher_vars, static_batches)
+
+
+class WithOptions:
+  """A jitted function whose ahead-of-time compile passes XLA options.
+
+  (`jax.jit(..., compiler_options=...)` does not reach
+  `.lower(...).compile()` in jax 0.10; `compile(compiler_options=...)`
+  does.) Used by the benchmark to compile stages as the trainer does.
+  """
+
+  def __init__(self, jitted, options: dict | None):
+    self.jitted = jitted
+    self.options = options
+
+  def lower(self, *args):
+    lowered = self.jitted.lower(*args)
+    lowered_compile = lowered.compile
+    options = self.options
+    return _Lowered(lowered, lambda: lowered_compile(options))
+
+
+class _Lowered:
+  """`jax.stages.Lowered` with `compile()` bound to fixed options."""
+
+  def __init__(self, lowered, compile_fn):
+    self._lowered = lowered
+    self.compile = compile_fn
+
+  def as_text(self) -> str:
+    return self._lowered.as_text()
+
+
+class LoweredSplit:
+  """The lowered pieces; `compile()` compiles them in parallel threads."""
+
+  def __init__(self, lowered: dict, options: dict, owner: SplitIteration):
+    self.lowered = lowered
+    self._options = options
+    self._owner = owner
+
+  def as_text(self) -> str:
+    return "\n".join(low.as_text() for low, _ in self.lowered.values())
+
+  def compile(self) -> "CompiledSplit":
+    with concurrent.futures.ThreadPoolExecutor(len(self.lowered)) as pool:
+      futures = {
+          name: pool.submit(low.compile, self._options.get(name))
+          for name, (low, _) in self.lowered.items()
+      }
+      compiled = {
+          name: (futures[name].result(), calls)
+          for name, (_, calls) in self.lowered.items()
+      }
+    return CompiledSplit(compiled, self._owner)
+
+
+class CompiledSplit:
+  """The compiled pieces, called as the iteration; analyses summed."""
+
+  def __init__(self, compiled: dict, owner: SplitIteration):
+    self.compiled = compiled
+    self._owner = owner
+    self.output_shardings = compiled["finish"][0].output_shardings
+
+  def __call__(self, state, gen_vars, teacher_vars, static_batches=None):
+    del static_batches
+    run = {name: c for name, (c, _) in self.compiled.items()}
+    return self._owner._run(run, state, gen_vars, teacher_vars)
+
+  def cost_analysis(self) -> dict:
+    """FLOPs of one iteration: each piece's times its calls."""
+    flops = 0.0
+    for c, calls in self.compiled.values():
+      analysis = c.cost_analysis()
+      if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+      flops += calls * max(float((analysis or {}).get("flops", 0.0)), 0.0)
+    return {"flops": flops}
+
+  def memory_analysis(self):
+    """The piece with the most temporary memory (they run one at a time)."""
+    stats = [c.memory_analysis() for c, _ in self.compiled.values()]
+    stats = [s[0] if isinstance(s, (list, tuple)) else s for s in stats]
+    stats = [s for s in stats if s is not None]
+    if not stats:
+      return None
+    return max(stats, key=lambda s: getattr(s, "temp_size_in_bytes", 0))
+
+  def as_text(self) -> str:
+    return "\n".join(c.as_text() for c, _ in self.compiled.values())
