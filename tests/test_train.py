@@ -190,5 +190,14 @@ def test_no_recompilation_after_the_first_iteration(tmp_path, caplog):
       for r in caplog.records
       if r.getMessage().startswith("Compiling ")
   ]
-  assert compiled.count("jit(iteration)") == 1, compiled
-  assert compiled.count("jit(evaluate_batch)") == 1, compiled
+  # On CPU the iteration is five programs (`programs.SplitIteration`).
+  pieces = (
+      "begin_iteration",
+      "render_and_embed",
+      "train_step",
+      "next_latents",
+      "finish_iteration",
+  )
+  for name in pieces + ("evaluate_batch",):
+    assert compiled.count(f"jit({name})") == 1, (name, compiled)
+  assert "jit(iteration)" not in compiled, compiled

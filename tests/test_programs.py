@@ -1,0 +1,50 @@
+"""The CPU split iteration equals the one-program iteration."""
+
+import jax
+import numpy as np
+import pytest
+
+from synthdistill_jax import experiment
+from synthdistill_jax import programs
+from tests import tiny
+
+
+@pytest.mark.parametrize("sampler", ["resample", "dynamic"])
+def test_split_iteration_equals_the_fused_program(sampler):
+  results = {}
+  for mode in ("on", "off"):
+    config = tiny.tiny_config(
+        **{"mesh.split_iteration": mode, "sampler.kind": sampler}
+    )
+    exp = experiment.create(config, random_weights=True)
+    assert isinstance(exp.iterate, programs.SplitIteration) == (mode == "on")
+    state, metrics = exp.iterate(
+        exp.state, exp.gen_vars, exp.teacher_vars, None
+    )
+    results[mode] = (state, jax.device_get(metrics))
+  (split, m_split), (fused, m_fused) = results["on"], results["off"]
+  assert int(split.step) == int(fused.step) == 1
+  # The render+teacher piece runs other convolution kernels on CPU
+  # (`RENDER_CPU_OPTIONS`): equal up to float32 rounding.
+  for name in ("loss_first", "loss_second", "grad_norm", "param_norm"):
+    np.testing.assert_allclose(m_split[name], m_fused[name], rtol=1e-4)
+  assert m_split["learning_rate"] == m_fused["learning_rate"]
+  # Adam moves a parameter by about the learning rate whatever its
+  # gradient's size, so rounding may flip the sign of a vanishing one: two
+  # updates bound any difference by 4 * lr.
+  lr = float(m_fused["learning_rate"])
+  for a, b in zip(jax.tree.leaves(split.params), jax.tree.leaves(fused.params)):
+    np.testing.assert_allclose(a, b, atol=4 * lr)
+
+
+def test_auto_splits_on_cpu_only():
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  assert programs.use_split("auto", mesh, "resample")
+  assert not programs.use_split("auto", mesh, "static")
+  assert not programs.use_split("off", mesh, "resample")
+
+
+def test_unknown_mode_is_one_config_error():
+  config = tiny.tiny_config(**{"mesh.split_iteration": "yes"})
+  with pytest.raises(experiment.ConfigError, match="mesh.split_iteration="):
+    experiment.create(config, random_weights=True)
