@@ -199,5 +199,8 @@ def test_no_recompilation_after_the_first_iteration(tmp_path, caplog):
       "finish_iteration",
   )
   for name in pieces + ("evaluate_batch",):
-    assert compiled.count(f"jit({name})") == 1, (name, compiled)
+    # `finish_iteration` does not depend on the spec: an earlier test in the
+    # same worker may have compiled it already (jax's in-process cache).
+    expected = (0, 1) if name == "finish_iteration" else (1,)
+    assert compiled.count(f"jit({name})") in expected, (name, compiled)
   assert "jit(iteration)" not in compiled, compiled
