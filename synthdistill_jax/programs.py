@@ -184,12 +184,15 @@ class SplitIteration:
     """Lowers every piece for these arguments (arrays or shapes)."""
     del static_batches  # The split iteration renders its own faces.
     args = self._abstract_args(state, gen_vars, teacher_vars)
+    options = {"render": self.render_options}
     return LoweredSplit(
         {
-            name: (jitted.lower(*args[name]), calls)
+            name: (
+                _Lowered(jitted.lower(*args[name]), options.get(name)),
+                calls,
+            )
             for name, (jitted, calls) in self.programs.items()
         },
-        {"render": self.render_options},
         self,
     )
 
@@ -213,18 +216,18 @@ class WithOptions:
     self.options = options
 
   def lower(self, *args):
-    lowered = self.jitted.lower(*args)
-    lowered_compile = lowered.compile
-    options = self.options
-    return _Lowered(lowered, lambda: lowered_compile(options))
+    return _Lowered(self.jitted.lower(*args), self.options)
 
 
 class _Lowered:
-  """`jax.stages.Lowered` with `compile()` bound to fixed options."""
+  """`jax.stages.Lowered` whose `compile()` passes fixed XLA options."""
 
-  def __init__(self, lowered, compile_fn):
+  def __init__(self, lowered, options: dict | None):
     self._lowered = lowered
-    self.compile = compile_fn
+    self._options = options
+
+  def compile(self):
+    return self._lowered.compile(self._options)
 
   def as_text(self) -> str:
     return self._lowered.as_text()
@@ -233,9 +236,8 @@ class _Lowered:
 class LoweredSplit:
   """The lowered pieces; `compile()` compiles them in parallel threads."""
 
-  def __init__(self, lowered: dict, options: dict, owner: SplitIteration):
+  def __init__(self, lowered: dict, owner: SplitIteration):
     self.lowered = lowered
-    self._options = options
     self._owner = owner
 
   def as_text(self) -> str:
@@ -244,7 +246,7 @@ class LoweredSplit:
   def compile(self) -> "CompiledSplit":
     with concurrent.futures.ThreadPoolExecutor(len(self.lowered)) as pool:
       futures = {
-          name: pool.submit(low.compile, self._options.get(name))
+          name: pool.submit(low.compile)
           for name, (low, _) in self.lowered.items()
       }
       compiled = {
