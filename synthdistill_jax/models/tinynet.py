@@ -238,12 +238,53 @@ def _depthwise_fwd(x, kernel, stride):
   return _depthwise_valid(xp, kernel[:, :, 0], stride), (xp, kernel)
 
 
+def _depthwise_kernel_grad(xp, dy, k, stride):
+  """`dkernel[i, j, 0, c] = sum(xp[:, i::stride, j::stride, c] * dy[..., c])`.
+
+  XLA:CPU hands reductions to YNNPACK, whose input must be in memory: one
+  reduction per tap wrote `k*k` full-size products (each recomputing the
+  block's BN and SiLU), a third of a TinyFaR-A step. Here each tap's loop
+  sums the products of `rows` (<= 8) output rows first, so only `1/rows` of
+  the size is written, and one reduction over the stacked taps finishes.
+  """
+  b, out_h, out_w, c = dy.shape
+  rows = max(d for d in range(1, 9) if out_h % d == 0)
+  groups = out_h // rows
+  acc = jnp.promote_types(dy.dtype, jnp.float32)
+  parts = []
+  for i in range(k):
+    for j in range(k):
+      part = 0
+      for q in range(rows):
+        h0 = i + q * stride
+        tap = jax.lax.slice(
+            xp,
+            (0, h0, j, 0),
+            (
+                b,
+                h0 + stride * rows * (groups - 1) + 1,
+                j + stride * (out_w - 1) + 1,
+                c,
+            ),
+            (1, stride * rows, stride, 1),
+        )
+        d = jax.lax.slice(
+            dy,
+            (0, q, 0, 0),
+            (b, q + rows * (groups - 1) + 1, out_w, c),
+            (1, rows, 1, 1),
+        )
+        part = part + tap.astype(acc) * d.astype(acc)
+      parts.append(part)
+  return jnp.sum(jnp.stack(parts, axis=3), axis=(0, 1, 2)).reshape(k, k, 1, c)
+
+
 def _depthwise_bwd(stride, residuals, dy):
-  """Input gradient as one more depthwise pass, kernel gradient per tap.
+  """Input gradient as one more depthwise pass, then the kernel gradient.
 
   `dx` is the correlation of `dy`, dilated by the stride and padded, with the
-  flipped kernel (a single fused loop like the forward); `dkernel[i, j]` is
-  the sum of `dy * xp[i::stride, j::stride]`.
+  flipped kernel (a single fused loop like the forward); `dkernel` is
+  `_depthwise_kernel_grad`.
   """
   xp, kernel = residuals
   k = kernel.shape[0]
@@ -264,20 +305,7 @@ def _depthwise_bwd(stride, residuals, dy):
   )
   flipped = kernel[::-1, ::-1, 0]
   dx = _depthwise_valid(dyp, flipped, 1)
-  acc = jnp.promote_types(dy.dtype, jnp.float32)
-  dy32 = dy.astype(acc)
-  b, c = xp.shape[0], xp.shape[3]
-  taps = []
-  for i in range(k):
-    for j in range(k):
-      tap = jax.lax.slice(
-          xp,
-          (0, i, j, 0),
-          (b, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, c),
-          (1, stride, stride, 1),
-      )
-      taps.append(jnp.sum(tap.astype(acc) * dy32, axis=(0, 1, 2)))
-  dkernel = jnp.stack(taps).reshape(k, k, 1, c).astype(kernel.dtype)
+  dkernel = _depthwise_kernel_grad(xp, dy, k, stride).astype(kernel.dtype)
   return dx.astype(dy.dtype), dkernel
 
 
