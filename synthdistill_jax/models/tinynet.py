@@ -238,7 +238,18 @@ def _depthwise_fwd(x, kernel, stride):
   return _depthwise_valid(xp, kernel[:, :, 0], stride), (xp, kernel)
 
 
-def _depthwise_kernel_grad(xp, dy, k, stride):
+def _strided(a: jax.Array, start, step, count) -> jax.Array:
+  """`a[:, h0::sh, w0::sw, :]` with `count = (n_h, n_w)` rows and columns."""
+  (h0, w0), (sh, sw), (nh, nw) = start, step, count
+  return jax.lax.slice(
+      a,
+      (0, h0, w0, 0),
+      (a.shape[0], h0 + sh * (nh - 1) + 1, w0 + sw * (nw - 1) + 1, a.shape[3]),
+      (1, sh, sw, 1),
+  )
+
+
+def _depthwise_kernel_grad(xp, dyp, lo, out_hw, k, stride):
   """`dkernel[i, j, 0, c] = sum(xp[:, i::stride, j::stride, c] * dy[..., c])`.
 
   XLA:CPU hands reductions to YNNPACK, whose input must be in memory: one
@@ -246,36 +257,31 @@ def _depthwise_kernel_grad(xp, dy, k, stride):
   block's BN and SiLU), a third of a TinyFaR-A step. Here each tap's loop
   sums the products of `rows` (<= 8) output rows first, so only `1/rows` of
   the size is written, and one reduction over the stacked taps finishes.
+  `dy` is read from `dyp` (`dy` at `[lo::stride, lo::stride]`), which the
+  input gradient keeps in memory anyway: sliced from `dy` itself, each
+  tap's loop inlined the BN backward that produces it, once per row.
   """
-  b, out_h, out_w, c = dy.shape
+  out_h, out_w = out_hw
   rows = max(d for d in range(1, 9) if out_h % d == 0)
   groups = out_h // rows
-  acc = jnp.promote_types(dy.dtype, jnp.float32)
+  acc = jnp.promote_types(dyp.dtype, jnp.float32)
   parts = []
   for i in range(k):
     for j in range(k):
       part = 0
       for q in range(rows):
-        h0 = i + q * stride
-        tap = jax.lax.slice(
-            xp,
-            (0, h0, j, 0),
-            (
-                b,
-                h0 + stride * rows * (groups - 1) + 1,
-                j + stride * (out_w - 1) + 1,
-                c,
-            ),
-            (1, stride * rows, stride, 1),
+        tap = _strided(
+            xp, (i + q * stride, j), (stride * rows, stride), (groups, out_w)
         )
-        d = jax.lax.slice(
-            dy,
-            (0, q, 0, 0),
-            (b, q + rows * (groups - 1) + 1, out_w, c),
-            (1, rows, 1, 1),
+        d = _strided(
+            dyp,
+            (lo + q * stride, lo),
+            (stride * rows, stride),
+            (groups, out_w),
         )
         part = part + tap.astype(acc) * d.astype(acc)
       parts.append(part)
+  c = xp.shape[3]
   return jnp.sum(jnp.stack(parts, axis=3), axis=(0, 1, 2)).reshape(k, k, 1, c)
 
 
@@ -293,7 +299,8 @@ def _depthwise_bwd(stride, residuals, dy):
   out_h, out_w = dy.shape[1:3]
   # dxp[u] = sum_i kernel[i] * dy_dilated[u - i]; only the unpadded rows
   # [p, p + h) of dxp are dx, so the low pad is k - 1 - p and the high pad
-  # what completes h + k - 1 rows.
+  # what completes h + k - 1 rows. It is >= p >= 0 (`(out_h - 1) * stride
+  # <= h - 1` for odd k), so `dyp` holds every element of `dy`.
   lo = k - 1 - p
   hi_h = hp - p - 1 - (out_h - 1) * stride
   hi_w = wp - p - 1 - (out_w - 1) * stride
@@ -305,7 +312,9 @@ def _depthwise_bwd(stride, residuals, dy):
   )
   flipped = kernel[::-1, ::-1, 0]
   dx = _depthwise_valid(dyp, flipped, 1)
-  dkernel = _depthwise_kernel_grad(xp, dy, k, stride).astype(kernel.dtype)
+  dkernel = _depthwise_kernel_grad(
+      xp, dyp, lo, (out_h, out_w), k, stride
+  ).astype(kernel.dtype)
   return dx.astype(dy.dtype), dkernel
 
 
