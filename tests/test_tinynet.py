@@ -1,5 +1,6 @@
 """TinyFaR students: timm layout, parameter counts, golden parity, name map."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 
 from synthdistill_jax import models
 from synthdistill_jax.convert import tinynet as convert_tinynet
+from synthdistill_jax.models import layers
 from synthdistill_jax.models import tinynet
 from tests import golden
 
@@ -358,3 +360,49 @@ def test_depthwise_method_is_part_of_the_jitted_program(tmp_path):
     tinynet.create("tinyfar_c", depthwise_method="grouped")
   with pytest.raises(ValueError, match="depthwise_method must be one of"):
     tinynet.DepthwiseConv(3, 3, method="grouped").init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize(
+    "kernel,stride,padding,groups,matmul",
+    [
+        (1, 1, 0, 1, True),
+        (1, 2, 0, 1, False),
+        (3, 1, 1, 1, False),
+        (1, 1, 0, 2, False),
+        (1, 1, 1, 1, False),
+    ],
+)
+def test_pointwise_convs_run_as_matmuls(
+    kernel, stride, padding, groups, matmul
+):
+  """`layers.conv` runs 1x1 stride-1 convs as a matmul, others as convs.
+
+  Same outputs and gradients as `lax.conv_general_dilated` either way.
+  """
+  x = jax.random.normal(jax.random.key(0), (2, 5, 6, 4))
+  conv = layers.conv(
+      6, kernel, stride=stride, padding=padding, groups=groups, use_bias=True
+  )
+  ref = nn.Conv(
+      6,
+      (kernel, kernel),
+      strides=stride,
+      padding=padding,
+      feature_group_count=groups,
+  )
+  variables = conv.init(jax.random.key(1), x)
+
+  def loss(module, v, x):
+    y = module.apply(v, x)
+    return jnp.sum(jnp.sin(y)), y
+
+  grad = jax.jit(
+      jax.value_and_grad(loss, (1, 2), has_aux=True), static_argnums=0
+  )
+  (_, y), grads = grad(conv, variables, x)
+  (_, y_ref), grads_ref = grad(ref, variables, x)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)
+  text = jax.jit(conv.apply).lower(variables, x).as_text()
+  assert ("stablehlo.convolution" not in text) == matmul

@@ -117,6 +117,55 @@ def torch_padding(kernel_size: int, padding: int | None = None):
   return ((p, p), (p, p))
 
 
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def conv_or_matmul(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count: int = 1,
+    precision=None,
+) -> jax.Array:
+  """`lax.conv_general_dilated`, with 1x1 stride-1 NHWC convs as matmuls.
+
+  For those the result is the same contraction over input channels, but
+  XLA:CPU runs the weight gradient of a convolution by copying the
+  activations to `[C, H, W, N]` first (a tenth of a TinyFaR step); a
+  matmul's gradient contracts the activations in place.
+  """
+  pointwise = (
+      rhs.shape[:2] == (1, 1)
+      and feature_group_count == 1
+      and all(s == 1 for s in window_strides)
+      and not isinstance(padding, str)
+      and all(tuple(p) == (0, 0) for p in padding)
+      and all(d == 1 for d in (lhs_dilation or (1, 1)))
+      and all(d == 1 for d in (rhs_dilation or (1, 1)))
+      and dimension_numbers
+      == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+  )
+  if not pointwise:
+    return jax.lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        precision=precision,
+    )
+  return jax.lax.dot_general(
+      lhs, rhs[0, 0], (((3,), (0,)), ((), ())), precision=precision
+  )
+
+
 def conv(
     features: int,
     kernel_size: int,
@@ -143,5 +192,6 @@ def conv(
       dtype=dtype,
       param_dtype=jnp.float32,
       kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+      conv_general_dilated=conv_or_matmul,
       name=name,
   )
