@@ -68,6 +68,7 @@ class ConvBlock(nn.Module):
         dtype=self.dtype,
         param_dtype=jnp.float32,
         kernel_init=nn.initializers.variance_scaling(gain, "fan_in", "normal"),
+        conv_general_dilated=layers.conv_or_matmul,
         name="layers_0",
     )(x)
     x = layers.BatchNorm(
