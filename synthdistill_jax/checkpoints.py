@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 
 from synthdistill_jax import errors
 from synthdistill_jax import models
+from synthdistill_jax import sharding
 
 # Local paths made absolute, URIs (gs://...) kept.
 resolve_path = models.registry.resolve_path
@@ -106,7 +107,7 @@ def _set_aside(manager, step: int, reason: str, log) -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     (directory / str(step)).rename(target)
     log(f"checkpoint {step} cannot be restored ({reason}); moved to {target}")
-  multihost_utils.sync_global_devices(f"checkpoints:aside:{step}")
+  sharding.wait_for_all_processes(f"checkpoints:aside:{step}")
   manager.reload()
   return str(target)
 
@@ -250,9 +251,9 @@ def export_student(
   primary = jax.process_index() == 0
   if primary and tmp.exists():
     tmp.rmtree()
-  multihost_utils.sync_global_devices("export_student:start")
+  sharding.wait_for_all_processes("export_student:start")
   models.save(tmp, arch, kwargs, variables, metadata)
-  multihost_utils.sync_global_devices("export_student:written")
+  sharding.wait_for_all_processes("export_student:written")
   if primary:
     if old.exists():
       old.rmtree()
@@ -261,5 +262,5 @@ def export_student(
     tmp.rename(final)
     if old.exists():
       old.rmtree()
-  multihost_utils.sync_global_devices("export_student:done")
+  sharding.wait_for_all_processes("export_student:done")
   return final

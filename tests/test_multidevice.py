@@ -22,12 +22,18 @@ def test_one_and_eight_devices_agree(tmp_path, student_sharding):
     )
     workdir = tmp_path / str(n)
     result = train.train_and_evaluate(config, str(workdir))
-    losses = [r["loss"] for r in metrics_io.read_metrics(workdir, "train")]
-    runs[n] = (result, losses)
-  (r1, l1), (r8, l8) = runs[1], runs[8]
-  # Float reductions run in another order on 8 devices and Adam amplifies
-  # the rounding noise: the first losses agree to 1e-7, the second to ~3e-5.
-  np.testing.assert_allclose(l1, l8, rtol=1e-4)
+    runs[n] = (result, metrics_io.read_metrics(workdir, "train"))
+  (r1, m1), (r8, m8) = runs[1], runs[8]
+  # Float reductions run in another order on 8 devices: the first update's
+  # loss agrees to rounding. Adam then moves parameters whose gradient is
+  # zero but for rounding by +-lr, the sign depending on the rounding
+  # (`tiny.assert_params_close`): later losses differ by up to ~5e-4.
+  np.testing.assert_allclose(
+      m1[0]["loss_first"], m8[0]["loss_first"], rtol=1e-5
+  )
+  np.testing.assert_allclose(
+      [r["loss"] for r in m1], [r["loss"] for r in m8], rtol=5e-3
+  )
   test_train.assert_params_close(
       test_train.final_params(r1), test_train.final_params(r8)
   )

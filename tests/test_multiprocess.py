@@ -61,8 +61,12 @@ def test_two_processes_match_one_process(tmp_path):
       for i in range(2)
   ]
   outputs = [p.communicate(timeout=900)[0] for p in procs]
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
+  # Both logs on failure: the process that failed first may be the other.
+  logs = "\n".join(
+      f"--- process {i} (exit {p.returncode}):\n{out[-3000:]}"
+      for i, (p, out) in enumerate(zip(procs, outputs))
+  )
+  assert all(p.returncode == 0 for p in procs), logs
   single = train.train_and_evaluate(
       test_train.tiny_config(**overrides, **{"mesh.num_devices": 2}),
       str(tmp_path / "single"),

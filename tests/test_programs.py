@@ -25,9 +25,17 @@ def test_split_iteration_equals_the_fused_program(sampler):
   (split, m_split), (fused, m_fused) = results["on"], results["off"]
   assert int(split.step) == int(fused.step) == 1
   # The render+teacher piece runs other convolution kernels on CPU
-  # (`RENDER_CPU_OPTIONS`): equal up to float32 rounding.
-  for name in ("loss_first", "loss_second", "grad_norm", "param_norm"):
-    np.testing.assert_allclose(m_split[name], m_fused[name], rtol=1e-4)
+  # (`RENDER_CPU_OPTIONS`): the first update's loss is equal up to float32
+  # rounding. The first update moves parameters whose gradient is zero but
+  # for rounding (a BN offset feeding another BN) by +-lr, the sign depending
+  # on the rounding (see `tiny.assert_params_close`): what the second update
+  # sees differs: its loss by up to ~5e-4 (measured on AVX2 and AVX-512
+  # CPUs), its gradient's norm by up to 2 %, too sensitive to compare.
+  np.testing.assert_allclose(
+      m_split["loss_first"], m_fused["loss_first"], rtol=1e-5
+  )
+  for name in ("loss_second", "param_norm"):
+    np.testing.assert_allclose(m_split[name], m_fused[name], rtol=5e-3)
   assert m_split["learning_rate"] == m_fused["learning_rate"]
   # Adam moves a parameter by about the learning rate whatever its
   # gradient's size, so rounding may flip the sign of a vanishing one: two
