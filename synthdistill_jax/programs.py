@@ -97,8 +97,11 @@ class SplitIteration:
     batch = sharding.batch_sharding(mesh)
     on_cpu = mesh.devices.flat[0].platform == "cpu"
     self.render_options = RENDER_CPU_OPTIONS if on_cpu else None
+    # Not `device_put`: with several processes it checks that every host
+    # passes the same value, a CPU collective that gives up after 30 s while
+    # the hosts are still apart (building the networks at different speeds).
     self._updates = [
-        jax.device_put(np.int32(k), rep)
+        jax.make_array_from_callback((), rep, lambda _, k=k: np.int32(k))
         for k in range(distill.UPDATES_PER_ITERATION)
     ]
     part = functools.partial

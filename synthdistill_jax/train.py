@@ -383,7 +383,7 @@ def _loop(run: _Run, state) -> TrainResult:
   config, exp = run.config, run.exp
   sched = config.schedule
   total = sched.epochs * sched.steps_per_epoch
-  step = int(jax.device_get(state.step))
+  step = start = int(jax.device_get(state.step))
   feed = None
   if config.sampler.kind == "static":
     feed = static_batches(config, exp.mesh, step)
@@ -412,6 +412,13 @@ def _loop(run: _Run, state) -> TrainResult:
       if window_start is None:
         first_call = time.perf_counter()
       batches = next(feed) if feed is not None else None
+      if multi and step == start:
+        # Hosts compile at different speeds and a CPU (gloo) collective
+        # gives up after 30 s: compile everywhere, meet, then run.
+        exp.iterate = exp.iterate.lower(
+            state, exp.gen_vars, exp.teacher_vars, batches
+        ).compile()
+        sharding.wait_for_all_processes("synthdistill:compiled")
       state, metrics = exp.iterate(
           state, exp.gen_vars, exp.teacher_vars, batches
       )

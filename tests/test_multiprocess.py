@@ -63,7 +63,8 @@ def test_two_processes_match_one_process(tmp_path):
   outputs = [p.communicate(timeout=900)[0] for p in procs]
   # Both logs on failure: the process that failed first may be the other.
   logs = "\n".join(
-      f"--- process {i} (exit {p.returncode}):\n{out[-3000:]}"
+      f"--- process {i} (exit {p.returncode}):\n"
+      + "\n".join(l for l in out.splitlines() if "@ 0x" not in l)[-4000:]
       for i, (p, out) in enumerate(zip(procs, outputs))
   )
   assert all(p.returncode == 0 for p in procs), logs
