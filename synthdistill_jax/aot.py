@@ -296,6 +296,8 @@ def compile_for_topology(
           for n in ("generator", "teacher", "student")
       },
       "weights": exp.weights,
+      # 'auto' resolved for the slice's platform (`networks`).
+      "upsample_method": exp.generator.module.upsample_method,
       "lower_s": lower_s,
       "compile_s": compile_s,
       "convolutions_by_dtype": convolutions,

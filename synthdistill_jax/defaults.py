@@ -25,6 +25,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.generator.truncation_psi = 1.0  # Truncation (1.0 = none, paper).
   config.generator.noise_mode = "random"  # Fresh pixel noise every call.
   config.generator.dtype = "float32"  # Compute dtype ('bfloat16' on TPU).
+  # The six up-sampling convs: 'auto' = 'phases' on CPU (four convs on the
+  # input grid; XLA:CPU runs the zero-inserted form slowly), 'dilated' on
+  # TPU and GPU (the transposed conv as one conv, their native form).
+  config.generator.upsample_method = "auto"
 
   # Frozen teacher: a converted folder, or an arch built in code.
   config.teacher = ml_collections.ConfigDict()

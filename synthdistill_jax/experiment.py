@@ -129,6 +129,8 @@ def check_config(config, num_devices: int) -> None:
         f"mesh.student_sharding={mode!r}: known"
         f" {', '.join(sharding.STUDENT_SHARDINGS)}"
     )
+  # Checks the field; which platform 'auto' means is decided in `create`.
+  networks.pick_upsample_method(config.generator, "cpu")
   try:
     programs.check_split_mode(config.mesh.get("split_iteration", "auto"))
   except ValueError as e:
@@ -432,7 +434,9 @@ def create(
   student = networks.build_student(config.student, config.seed, abstract)
   generator = teacher = None
   if config.sampler.kind != "static":
-    generator = networks.build_generator(config.generator, abstract)
+    generator = networks.build_generator(
+        config.generator, abstract, platform=mesh.devices.flat[0].platform
+    )
     teacher = networks.build_teacher(config.teacher, abstract)
     networks.check_embedding_sizes(teacher, student)
   tx, schedule = create_optimizer(config)

@@ -122,6 +122,25 @@ def test_bad_configs_fail_with_one_line(tmp_path):
   assert "sampler.static_dataset" in _error(config)
   config = test_train.tiny_config(**{"loss": "l1"})
   assert "loss='l1'" in _error(config)
+  config = test_train.tiny_config(**{"generator.upsample_method": "fft"})
+  assert "generator.upsample_method='fft': known auto," in _error(config)
+
+
+def test_upsample_method_auto_is_phases_on_cpu_only():
+  config = test_train.tiny_config()
+  assert config.generator.upsample_method == "auto"
+  picks = {
+      p: networks.pick_upsample_method(config.generator, p)
+      for p in ("cpu", "gpu", "tpu")
+  }
+  assert picks == {"cpu": "phases", "gpu": "dilated", "tpu": "dilated"}
+  config.generator.upsample_method = "dilated"
+  assert networks.pick_upsample_method(config.generator, "cpu") == "dilated"
+  net = networks.build_generator(config.generator, platform="cpu")
+  assert net.module.upsample_method == "dilated"
+  config.generator.upsample_method = "auto"
+  net = networks.build_generator(config.generator, platform="cpu")
+  assert net.module.upsample_method == "phases"
 
 
 def test_face_network_folder_is_not_a_generator(tmp_path):

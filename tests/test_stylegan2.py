@@ -10,6 +10,7 @@ import pytest
 
 from synthdistill_jax.convert import stylegan2 as convert_sg2
 from synthdistill_jax.models import stylegan2
+from synthdistill_jax.ops import conv as conv_ops
 from synthdistill_jax.ops import upfirdn2d
 from tests import golden
 
@@ -38,13 +39,13 @@ SYNTHESIS_KWARGS = ("img_resolution", "channel_base", "channel_max", "w_dim")
 
 
 @functools.lru_cache(maxsize=None)
-def _synthesis_fn(mode, fused):
+def _synthesis_fn(mode, fused, upsample="dilated"):
   """A jitted synthesis that both golden cases share (same synthesis config).
 
   It takes only the synthesis variables: the cases differ in their mapping
   networks alone, so one compilation serves both.
   """
-  module = _golden_generator(CASES[0])[0]
+  module = _golden_generator(CASES[0])[0].clone(upsample_method=upsample)
   return jax.jit(
       lambda v, ws: module.apply(
           v, ws, noise_mode=mode, fused_modconv=fused, method="synthesis"
@@ -52,13 +53,13 @@ def _synthesis_fn(mode, fused):
   )
 
 
-def _synthesis(case, ws, mode, fused=False):
+def _synthesis(case, ws, mode, fused=False, upsample="dilated"):
   module, variables, _ = _golden_generator(case)
   shared = _golden_generator(CASES[0])[0]
   for name in SYNTHESIS_KWARGS:
     assert getattr(module, name) == getattr(shared, name)
   sub = {k: {"synthesis": v["synthesis"]} for k, v in variables.items()}
-  return _synthesis_fn(mode, fused)(sub, ws)
+  return _synthesis_fn(mode, fused, upsample)(sub, ws)
 
 
 def _max_diff(a, b):
@@ -103,6 +104,13 @@ def test_golden_images(case):
       _synthesis(case, a["ws_psi1"], "const", True),
       {"img_const": a["img_const"]},
   )
+  # The up-sampling convs as phase convs (the CPU default of the trainer),
+  # batched and grouped.
+  for fused in (False, True):
+    _check_images(
+        _synthesis(case, a["ws_psi1"], "const", fused, "phases"),
+        {"img_const": a["img_const"]},
+    )
 
 
 def test_truncation_cutoff_only_touches_first_rows():
@@ -305,6 +313,38 @@ def test_upfirdn2d_matches_direct_definition(up, down, pad, method):
   np.testing.assert_allclose(traced, got, atol=1e-5)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("up", [2, 3])
+@pytest.mark.parametrize("kh,kw", [(1, 1), (3, 3), (2, 2), (4, 3), (1, 3)])
+def test_phase_convs_equal_the_dilated_transposed_conv(kh, kw, up, groups):
+  """Every kernel size and stride, odd and even inputs, with the FIR after."""
+  rng = np.random.default_rng(kh * 10 + kw)
+  x = rng.standard_normal((2, 5, 4, 4)).astype(np.float32)
+  w = rng.standard_normal((kh, kw, 4 // groups, 6)).astype(np.float32)
+  got = conv_ops.transposed_conv_phases(x, w, up=up, groups=groups)
+  ref = jax.lax.conv_general_dilated(
+      x,
+      np.flip(w, (0, 1)),
+      window_strides=(1, 1),
+      padding=((kh - 1, kh - 1), (kw - 1, kw - 1)),
+      lhs_dilation=(up, up),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=groups,
+  )
+  assert got.shape == ref.shape == (2, up * 4 + kh, up * 3 + kw, 6)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+  f = upfirdn2d.setup_filter([1, 3, 3, 1])
+  kwargs = dict(f=f, up=up, padding=kh // 2, groups=groups)
+  np.testing.assert_allclose(
+      conv_ops.conv2d_resample(x, w, upsample_method="phases", **kwargs),
+      conv_ops.conv2d_resample(x, w, **kwargs),
+      rtol=1e-5,
+      atol=1e-5,
+  )
+  with pytest.raises(ValueError, match="upsample_method must be one of"):
+    conv_ops.conv2d_resample(x, w, upsample_method="fft", **kwargs)
+
+
 TINY = dict(
     z_dim=16,
     w_dim=16,
@@ -401,6 +441,39 @@ def test_filter_method_is_part_of_the_jitted_program(architecture):
     stylegan2.create(**TINY, filter_method="fft")
   with pytest.raises(ValueError, match="method must be one of"):
     upfirdn2d.upsample2d(z[:, None, :, None], [1, 3, 3, 1], method="fft")
+
+
+@pytest.mark.parametrize("architecture", ["skip", "resnet"])
+def test_upsample_method_is_part_of_the_jitted_program(architecture):
+  """'phases' leaves no zero-inserted conv in the program, same images."""
+  module, variables = _tiny(
+      **({} if architecture == "skip" else {"architecture": architecture})
+  )
+  modules = {
+      m: module.clone(upsample_method=m) for m in conv_ops.UPSAMPLE_METHODS
+  }
+  z = np.random.default_rng(3).standard_normal((2, 16)).astype(np.float32)
+  generate = jax.jit(
+      lambda m, v, z: m.apply(v, z, noise_mode="const"), static_argnums=0
+  )
+  text = {
+      m: generate.lower(mod, variables, z).as_text()
+      for m, mod in modules.items()
+  }
+  # b8's conv0, and the 1x1 skip conv of 'resnet'.
+  ups = 1 if architecture == "skip" else 2
+  assert text["dilated"].count("lhs_dilate = [2, 2]") == ups
+  assert "lhs_dilate = [2, 2]" not in text["phases"]
+  # A 3x3 kernel at stride 2 splits in four convs, a 1x1 in one (its other
+  # three phases are zeros).
+  convs = {m: t.count("stablehlo.convolution") for m, t in text.items()}
+  assert convs["phases"] == convs["dilated"] + 3
+  img = {m: generate(mod, variables, z) for m, mod in modules.items()}
+  np.testing.assert_allclose(
+      img["phases"], img["dilated"], rtol=1e-4, atol=1e-4
+  )
+  with pytest.raises(ValueError, match="upsample_method must be one of"):
+    stylegan2.create(**TINY, upsample_method="fft")
 
 
 def test_jit_any_batch_without_host_transfers():

@@ -23,7 +23,8 @@ conv kernels HWIO, dense kernels [in, out], `const` [R, R, C]). Variables:
 
 The FIR filter [1,3,3,1] is a constant of the code, not a variable; how it
 is applied (`filter_method`, 'slices' or 'conv', see `ops.upfirdn2d`) is an
-attribute, so it is part of every program that traces the module.
+attribute, so it is part of every program that traces the module; so is how
+the up-sampling convs run (`upsample_method`, see `ops.conv`).
 """
 
 import os
@@ -166,6 +167,7 @@ class SynthesisLayer(nn.Module):
   conv_clamp: float | None = None
   precision: str | None = None
   filter_method: str = "slices"
+  upsample_method: str = "dilated"
 
   @nn.compact
   def __call__(self, x, w, *, noise_mode="random", fused=False, gain=1.0):
@@ -204,6 +206,7 @@ class SynthesisLayer(nn.Module):
         fused=fused,
         precision=_precision(self.precision),
         filter_method=self.filter_method,
+        upsample_method=self.upsample_method,
     )
     bias = self.param("bias", nn.initializers.zeros, (self.out_channels,))
     clamp = None if self.conv_clamp is None else self.conv_clamp * gain
@@ -246,6 +249,7 @@ class SkipLayer(nn.Module):
   out_channels: int
   precision: str | None = None
   filter_method: str = "slices"
+  upsample_method: str = "dilated"
 
   @nn.compact
   def __call__(self, x, *, gain=1.0):
@@ -261,6 +265,7 @@ class SkipLayer(nn.Module):
         up=2,
         precision=_precision(self.precision),
         filter_method=self.filter_method,
+        upsample_method=self.upsample_method,
     )
     return conv_ops.bias_act(x, None, gain=gain)
 
@@ -278,6 +283,7 @@ class SynthesisBlock(nn.Module):
   dtype: str = "float32"
   precision: str | None = None
   filter_method: str = "slices"
+  upsample_method: str = "dilated"
 
   @property
   def num_conv(self) -> int:
@@ -292,7 +298,11 @@ class SynthesisBlock(nn.Module):
     dtype = jnp.dtype(self.dtype)
     res, ch = self.resolution, self.out_channels
     layer_kw = dict(conv_clamp=self.conv_clamp, precision=self.precision)
-    up_kw = dict(layer_kw, filter_method=self.filter_method)
+    up_kw = dict(
+        layer_kw,
+        filter_method=self.filter_method,
+        upsample_method=self.upsample_method,
+    )
     kw = dict(noise_mode=noise_mode, fused=fused)
     if self.in_channels == 0:
       const = self.param("const", _normal(), (res, res, ch))
@@ -307,6 +317,7 @@ class SynthesisBlock(nn.Module):
           ch,
           precision=self.precision,
           filter_method=self.filter_method,
+          upsample_method=self.upsample_method,
           name="skip",
       )
       y = skip(x, gain=gain)
@@ -375,6 +386,7 @@ class SynthesisNetwork(nn.Module):
   fp16_dtype: str | None = None
   precision: str | None = None
   filter_method: str = "slices"
+  upsample_method: str = "dilated"
 
   def _blocks(self) -> list[SynthesisBlock]:
     layout = block_layout(
@@ -397,6 +409,7 @@ class SynthesisNetwork(nn.Module):
             dtype=(self.fp16_dtype or self.dtype) if use_fp16 else self.dtype,
             precision=self.precision,
             filter_method=self.filter_method,
+            upsample_method=self.upsample_method,
             name=f"b{res}",
         )
         for res, in_ch, out_ch, use_fp16 in layout
@@ -449,6 +462,12 @@ class Generator(nn.Module):
       `upfirdn2d.FILTER_METHODS`: 'slices' (shifted-slice sums, the default;
       ~40x faster on XLA:CPU) or 'conv' (depthwise grouped convs). Same
       variables and, up to rounding, the same images.
+    upsample_method: how the six up-sampling convs run, one of
+      `conv.UPSAMPLE_METHODS`: 'dilated' (the transposed conv as one conv
+      of the zero-inserted input, the default: cuDNN's and the TPU's
+      native form) or 'phases' (four convs on the input grid, interleaved;
+      faster on XLA:CPU). Same variables and, up to rounding, the same
+      images; `networks.build_generator` picks per platform.
   """
 
   z_dim: int = 512
@@ -471,6 +490,7 @@ class Generator(nn.Module):
   fused_modconv: bool = False
   precision: str | None = None
   filter_method: str = "slices"
+  upsample_method: str = "dilated"
 
   @property
   def num_ws(self) -> int:
@@ -485,6 +505,7 @@ class Generator(nn.Module):
           f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}"
       )
     upfirdn2d.check_method(self.filter_method, "filter_method")
+    conv_ops.check_upsample_method(self.upsample_method)
     self.mapping_net = MappingNetwork(
         self.z_dim,
         self.c_dim,
@@ -509,6 +530,7 @@ class Generator(nn.Module):
         fp16_dtype=self.fp16_dtype,
         precision=self.precision,
         filter_method=self.filter_method,
+        upsample_method=self.upsample_method,
         name="synthesis",
     )
 
@@ -555,6 +577,7 @@ def create(arch: str = "stylegan2", **kwargs: Any) -> Generator:
   # Checked here too (not only at trace time) so that a config or model.json
   # mistake is reported when the module is built.
   upfirdn2d.check_method(kwargs.get("filter_method", "slices"), "filter_method")
+  conv_ops.check_upsample_method(kwargs.get("upsample_method", "dilated"))
   return Generator(**kwargs)
 
 

@@ -14,6 +14,13 @@ import numpy as np
 
 from synthdistill_jax.ops import upfirdn2d as upfirdn2d_lib
 
+# How an up-sampling conv runs (`conv2d_resample`): 'dilated' is one conv of
+# the zero-inserted input, XLA's transposed-conv form (cuDNN's and the TPU's
+# native path); 'phases' computes each of the `up ** 2` output phases as a
+# plain conv of the input with its sub-kernel and interleaves them, which
+# skips the zeros: on XLA:CPU the dilated form takes a generic path.
+UPSAMPLE_METHODS = ("dilated", "phases")
+
 # Default gain and slope of the activations StyleGAN uses.
 ACTIVATIONS = {"linear": 1.0, "lrelu": float(np.sqrt(2.0))}
 LRELU_SLOPE = 0.2
@@ -54,6 +61,26 @@ def bias_act(
   return x
 
 
+def check_upsample_method(method: str, field: str = "upsample_method") -> str:
+  """Returns `method` if it is one of `UPSAMPLE_METHODS`.
+
+  Args:
+    method: how an up-sampling conv runs.
+    field: the argument or attribute name to report.
+
+  Returns:
+    `method`.
+
+  Raises:
+    ValueError: naming `field` and the known methods.
+  """
+  if method not in UPSAMPLE_METHODS:
+    raise ValueError(
+        f"{field} must be one of {UPSAMPLE_METHODS}, got {method!r}"
+    )
+  return method
+
+
 def _conv(x, w, *, padding, groups, lhs_dilation=(1, 1), precision=None):
   """A plain NHWC/HWIO convolution (correlation) with explicit padding."""
   return jax.lax.conv_general_dilated(
@@ -68,6 +95,55 @@ def _conv(x, w, *, padding, groups, lhs_dilation=(1, 1), precision=None):
   )
 
 
+def transposed_conv_phases(
+    x: jax.Array, w: jax.Array, *, up: int, groups: int = 1, precision=None
+) -> jax.Array:
+  """The full transposed conv `y[up*i + t] += x[i] * w[t]`, phase by phase.
+
+  Equal, up to rounding, to the lhs-dilated conv of `x` with the flipped `w`
+  and padding `k - 1` (PyTorch's `conv_transpose2d` with stride `up`, no
+  padding): output phase `a` of an axis (outputs `up*m + a`) only meets the
+  taps `w[a], w[a + up], ...`, so it is a plain correlation of `x` with those
+  taps reversed. Each of the `up ** 2` phases is one such conv on the input
+  grid; no multiply by the inserted zeros.
+
+  Args:
+    x: `[batch, h, w, in_channels]`.
+    w: HWIO `[kh, kw, in_channels / groups, out_channels]`.
+    up: the stride of the transposed conv.
+    groups: feature groups.
+    precision: `jax.lax.Precision` of the convolutions.
+
+  Returns:
+    `[batch, up * (h - 1) + kh, up * (w - 1) + kw, out_channels]`.
+  """
+  batch, height, width, _ = x.shape
+  kh, kw, _, out_ch = w.shape
+  # Phase `a` has ceil((k - a) / up) taps; phase 0 the most. Padding both
+  # sides by that minus one gives every phase all of its windows.
+  rows, cols = -(-kh // up), -(-kw // up)
+  x = jnp.pad(x, ((0, 0), (rows - 1, rows - 1), (cols - 1, cols - 1), (0, 0)))
+  out_h, out_w = height + rows - 1, width + cols - 1
+  phases = []
+  for a in range(up):
+    for b in range(up):
+      # Reversed: window row r of a phase meets tap a + up * (taps - 1 - r).
+      k = w[a::up, b::up][::-1, ::-1]
+      if k.shape[0] == 0 or k.shape[1] == 0:  # a phase no tap reaches
+        phases.append(jnp.zeros((batch, out_h, out_w, out_ch), x.dtype))
+        continue
+      r0, c0 = rows - k.shape[0], cols - k.shape[1]
+      window = x[
+          :, r0 : r0 + out_h + k.shape[0] - 1, c0 : c0 + out_w + k.shape[1] - 1
+      ]
+      phases.append(
+          _conv(window, k, padding="VALID", groups=groups, precision=precision)
+      )
+  y = jnp.stack(phases, axis=3).reshape(batch, out_h, out_w, up, up, out_ch)
+  y = y.transpose(0, 1, 3, 2, 4, 5).reshape(batch, up * out_h, up * out_w, -1)
+  return y[:, : up * (height - 1) + kh, : up * (width - 1) + kw]
+
+
 def conv2d_resample(
     x: jax.Array,
     w: jax.Array,
@@ -78,6 +154,7 @@ def conv2d_resample(
     groups: int = 1,
     precision=None,
     filter_method: str = "slices",
+    upsample_method: str = "dilated",
 ) -> jax.Array:
   """Convolution with optional FIR upsampling, as NVIDIA's `conv2d_resample`.
 
@@ -95,6 +172,7 @@ def conv2d_resample(
     groups: feature groups.
     precision: `jax.lax.Precision` of the convolutions.
     filter_method: how the FIR filter is applied (`upfirdn2d.FILTER_METHODS`).
+    upsample_method: how the transposed conv runs (`UPSAMPLE_METHODS`).
 
   Returns:
     `[batch, h * up, w * up, out_channels]` (for odd kernels with
@@ -115,14 +193,17 @@ def conv2d_resample(
   p1 = padding + (taps - up) // 2
   px0, px1 = p0 - (kw - 1), p1 - (kw - up)
   py0, py1 = p0 - (kh - 1), p1 - (kh - up)
-  x = _conv(
-      x,
-      jnp.flip(w, axis=(0, 1)),
-      padding=((kh - 1, kh - 1), (kw - 1, kw - 1)),
-      lhs_dilation=(up, up),
-      groups=groups,
-      precision=precision,
-  )
+  if check_upsample_method(upsample_method) == "phases":
+    x = transposed_conv_phases(x, w, up=up, groups=groups, precision=precision)
+  else:
+    x = _conv(
+        x,
+        jnp.flip(w, axis=(0, 1)),
+        padding=((kh - 1, kh - 1), (kw - 1, kw - 1)),
+        lhs_dilation=(up, up),
+        groups=groups,
+        precision=precision,
+    )
   return upfirdn2d_lib.upfirdn2d(
       x,
       f,
@@ -145,6 +226,7 @@ def modulated_conv2d(
     fused: bool = False,
     precision=None,
     filter_method: str = "slices",
+    upsample_method: str = "dilated",
 ) -> jax.Array:
   """StyleGAN2 modulated (and demodulated) convolution, NHWC.
 
@@ -166,6 +248,8 @@ def modulated_conv2d(
     precision: `jax.lax.Precision` of the convolutions.
     filter_method: how the FIR filter is applied when `up > 1`
       (`upfirdn2d.FILTER_METHODS`).
+    upsample_method: how the transposed conv runs when `up > 1`
+      (`UPSAMPLE_METHODS`).
 
   Returns:
     `[batch, h * up, w * up, out_channels]` in the dtype of `x`.
@@ -181,7 +265,11 @@ def modulated_conv2d(
     styles = styles / jnp.max(jnp.abs(styles), axis=1, keepdims=True)
   padding = kh // 2
   conv_kwargs = dict(
-      f=resample_filter, up=up, padding=padding, filter_method=filter_method
+      f=resample_filter,
+      up=up,
+      padding=padding,
+      filter_method=filter_method,
+      upsample_method=upsample_method,
   )
   if not fused:
     x = x * styles.astype(dtype)[:, None, None, :]
