@@ -88,6 +88,9 @@ def test_measure_peak_reports_matmul_flops():
   peak = timing.measure_peak("float32", 128, warmup=1, iters=2)
   assert peak["flops_per_s"] > 0
   assert peak["cost_analysis_flops"] == 2 * 128**3
+  # A peak: the fastest timed call, not the median.
+  assert peak["flops_per_s"] == 2 * 128**3 / peak["seconds_min"]
+  assert peak["seconds_min"] <= peak["seconds_median"]
 
 
 def test_compare_reports_ratios_and_the_config_difference():
@@ -149,6 +152,9 @@ def test_cli_on_the_demo_config_writes_table_and_json(tmp_path):
   (run,) = record["runs"]
   assert run["num_devices"] == jax.device_count()
   assert run["peak"]["flops_per_s"] > 0
+  # Measured before and after the stages; MFU is against the higher one.
+  assert run["peak"]["flops_per_s"] == max(run["peak"]["flops_per_s_runs"])
+  assert len(run["peak"]["flops_per_s_runs"]) == 2
   assert "random" in run["weights"]
   assert tuple(run["stages"]) == STAGES
   for name, stage in run["stages"].items():

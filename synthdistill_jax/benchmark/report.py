@@ -18,7 +18,13 @@ def format_table(result: dict[str, Any]) -> str:
       f"   {result['num_devices']} x {result['device_kind']}"
       f" ({result['backend']}); measured {result['peak']['dtype']} matmul"
       f" peak {result['peak']['flops_per_s'] / 1e9:.1f} GFLOP/s"
-      f" ({result['peak']['size']}^2)"
+      f" ({result['peak']['size']}^2"
+      + "".join(
+          f", best of {'/'.join(f'{r / 1e9:.1f}' for r in runs)} before/after"
+          for runs in [result["peak"].get("flops_per_s_runs")]
+          if runs
+      )
+      + ")"
       + (
           f"; datasheet {result['datasheet_flops_per_s'] / 1e12:.0f} TFLOP/s"
           if result["datasheet_flops_per_s"]
