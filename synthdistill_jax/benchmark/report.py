@@ -12,19 +12,20 @@ def format_table(result: dict[str, Any]) -> str:
       f"{'img/s/dev':>10}{'GFLOP/img':>10}{'GFLOP/s':>9}{'MFU':>7}"
       f"{'MFU(ds)':>8}{'compile s':>10}{'temp MiB':>9}"
   )
+  # Results written before the peak was measured twice have no runs.
+  runs = result["peak"].get("flops_per_s_runs")
+  best_of = (
+      f", best of {'/'.join(f'{r / 1e9:.1f}' for r in runs)} before/after"
+      if runs
+      else ""
+  )
   lines = [
       f"== {result['config']}  batch {result['batch_size']}"
       f"  {result['compute_dtype']}  weights: {result['weights']}",
       f"   {result['num_devices']} x {result['device_kind']}"
       f" ({result['backend']}); measured {result['peak']['dtype']} matmul"
       f" peak {result['peak']['flops_per_s'] / 1e9:.1f} GFLOP/s"
-      f" ({result['peak']['size']}^2"
-      + "".join(
-          f", best of {'/'.join(f'{r / 1e9:.1f}' for r in runs)} before/after"
-          for runs in [result["peak"].get("flops_per_s_runs")]
-          if runs
-      )
-      + ")"
+      f" ({result['peak']['size']}^2{best_of})"
       + (
           f"; datasheet {result['datasheet_flops_per_s'] / 1e12:.0f} TFLOP/s"
           if result["datasheet_flops_per_s"]
