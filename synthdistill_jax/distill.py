@@ -75,6 +75,8 @@ class DistillSpec:
     truncation_psi: truncation of the mapping (1.0 in the paper).
     noise_mode: synthesis noise ('random' in the paper, 'const', 'none').
     batch_sharding: sharding of batch-leading arrays (None: no constraint).
+    concatenated_norms: compute the step's norm metrics over one
+      concatenated vector (`global_norm`); only for a replicated student.
   """
 
   generator: nn.Module | None
@@ -89,6 +91,7 @@ class DistillSpec:
   truncation_psi: float = 1.0
   noise_mode: str = "random"
   batch_sharding: Any = None
+  concatenated_norms: bool = False
 
 
 def _constrain(spec: DistillSpec, x: jax.Array) -> jax.Array:
@@ -219,6 +222,28 @@ def apply_student(spec: DistillSpec, params, batch_stats, x, *, train: bool):
   return s.astype(jnp.float32), updates["batch_stats"]
 
 
+def global_norm(tree: Any, concatenate: bool) -> jax.Array:
+  """The L2 norm of all the leaves of `tree`, as `optax.tree.norm`.
+
+  With `concatenate`, the leaves are raveled into one vector that is reduced
+  once. Leaf by leaf, XLA:CPU emits two kernels per leaf (a partial and a
+  final sum): for TinyFaR-A's 250 leaves and the step's three norms about
+  1,500 kernels, a sixth of the student step's compile time. Concatenating
+  sharded leaves would gather them, hence the flag.
+
+  Args:
+    tree: arrays (float32).
+    concatenate: reduce one concatenated vector instead of leaf by leaf.
+
+  Returns:
+    A float32 scalar.
+  """
+  if not concatenate:
+    return optax.tree.norm(tree)
+  flat = jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
+  return jnp.sqrt(jnp.sum(jnp.square(flat.astype(jnp.float32))))
+
+
 def train_step(
     spec: DistillSpec, state: TrainState, x: jax.Array, t: jax.Array, k: int
 ):
@@ -249,9 +274,9 @@ def train_step(
   metrics = dict(
       parts,
       loss=loss,
-      grad_norm=optax.tree.norm(grads),
-      update_norm=optax.tree.norm(updates),
-      param_norm=optax.tree.norm(params),
+      grad_norm=global_norm(grads, spec.concatenated_norms),
+      update_norm=global_norm(updates, spec.concatenated_norms),
+      param_norm=global_norm(params, spec.concatenated_norms),
       learning_rate=spec.schedule(count),
   )
   new_state = state.replace(

@@ -329,6 +329,7 @@ def create_spec(config, mesh, networks, tx=None, schedule=None):
       truncation_psi=config.generator.truncation_psi,
       noise_mode=config.generator.noise_mode,
       batch_sharding=sharding.batch_sharding(mesh),
+      concatenated_norms=config.mesh.student_sharding == "replicated",
   )
 
 

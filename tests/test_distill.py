@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from synthdistill_jax import distill
+from synthdistill_jax import experiment
 from synthdistill_jax import networks
 from tests import test_train
 
@@ -177,3 +178,30 @@ def test_dynamic_uses_fresh_latents_and_static_uses_given_batches():
   )
   new, m = distill.iteration(static, state, None, None, (batch, batch))
   assert int(new.step) == 1 and np.isfinite(float(m["loss"]))
+
+
+def test_global_norm_concatenated_equals_the_tree_norm():
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  tree = {
+      "a": jax.random.normal(keys[0], (3, 3, 1, 7)),
+      "b": {"c": jax.random.normal(keys[1], (5,)), "d": jnp.zeros(())},
+      "e": jax.random.normal(keys[2], (4, 2)) * 100.0,
+  }
+  expected = float(optax.tree.norm(tree))
+  assert float(distill.global_norm(tree, False)) == expected
+  got = jax.jit(distill.global_norm, static_argnums=1)(tree, True)
+  np.testing.assert_allclose(float(got), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "student_sharding,concatenated",
+    [("replicated", True), ("sharded", False)],
+)
+def test_spec_concatenates_norms_only_for_a_replicated_student(
+    student_sharding, concatenated
+):
+  config = test_train.demo.get_config()
+  config.mesh.student_sharding = student_sharding
+  mesh = experiment.create_mesh(config)
+  spec = experiment.create_spec(config, mesh, (None, None, None))
+  assert spec.concatenated_norms is concatenated
