@@ -45,6 +45,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.student.kwargs = ml_collections.ConfigDict()  # Constructor kwargs.
   config.student.init_checkpoint = ""  # Converted (ImageNet) weights dir.
   config.student.dtype = "float32"  # Compute dtype; params stay float32.
+  # Weight gradients of a TinyFaR student's 1x1 convs: 'auto' = 'blocked' on
+  # CPU (matmuls over blocks of 512 pixels, summed; XLA:CPU's single matmul
+  # copies the activations transposed, slowly), 'matmul' on TPU and GPU.
+  config.student.pointwise_grad = "auto"
 
   # Where training faces come from (see docs/training.md).
   config.sampler = ml_collections.ConfigDict()

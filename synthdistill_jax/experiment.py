@@ -131,6 +131,7 @@ def check_config(config, num_devices: int) -> None:
     )
   # Checks the field; which platform 'auto' means is decided in `create`.
   networks.pick_upsample_method(config.generator, "cpu")
+  networks.pick_pointwise_grad(config.student, "cpu")
   try:
     programs.check_split_mode(config.mesh.get("split_iteration", "auto"))
   except ValueError as e:
@@ -432,11 +433,14 @@ def create(
     weights = describe_weights(config)
   mesh = create_mesh(config, devices)
   check_config(config, mesh.size)
-  student = networks.build_student(config.student, config.seed, abstract)
+  platform = mesh.devices.flat[0].platform
+  student = networks.build_student(
+      config.student, config.seed, abstract, platform=platform
+  )
   generator = teacher = None
   if config.sampler.kind != "static":
     generator = networks.build_generator(
-        config.generator, abstract, platform=mesh.devices.flat[0].platform
+        config.generator, abstract, platform=platform
     )
     teacher = networks.build_teacher(config.teacher, abstract)
     networks.check_embedding_sizes(teacher, student)

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from synthdistill_jax import distill
+from synthdistill_jax import errors
 from synthdistill_jax import sharding
 
 SPLIT_MODES = ("auto", "on", "off")
@@ -52,12 +53,12 @@ def check_split_mode(mode: str) -> str:
   Raises:
     ValueError: one line naming `split_iteration` and the known modes.
   """
-  if mode not in SPLIT_MODES:
-    raise ValueError(
-        f"split_iteration={mode!r}: known {', '.join(SPLIT_MODES)} ('auto':"
-        " separate programs on CPU, one program on TPU and GPU)"
-    )
-  return mode
+  return errors.check_choice(
+      mode,
+      SPLIT_MODES,
+      "split_iteration",
+      " ('auto': separate programs on CPU, one program on TPU and GPU)",
+  )
 
 
 def use_split(mode: str, mesh: jax.sharding.Mesh, sampler: str) -> bool:

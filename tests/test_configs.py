@@ -124,6 +124,10 @@ def test_bad_configs_fail_with_one_line(tmp_path):
   assert "loss='l1'" in _error(config)
   config = test_train.tiny_config(**{"generator.upsample_method": "fft"})
   assert "generator.upsample_method='fft': known auto," in _error(config)
+  config = test_train.tiny_config(**{"student.pointwise_grad": "fast"})
+  assert "student.pointwise_grad='fast': known auto, matmul, blocked" in (
+      _error(config)
+  )
 
 
 def test_upsample_method_auto_is_phases_on_cpu_only():
@@ -141,6 +145,31 @@ def test_upsample_method_auto_is_phases_on_cpu_only():
   config.generator.upsample_method = "auto"
   net = networks.build_generator(config.generator, platform="cpu")
   assert net.module.upsample_method == "phases"
+
+
+def test_pointwise_grad_auto_is_blocked_on_cpu_only():
+  config = synthdistill.get_config("tinyfar_a")
+  assert config.student.pointwise_grad == "auto"
+  picks = {
+      p: networks.pick_pointwise_grad(config.student, p)
+      for p in ("cpu", "gpu", "tpu")
+  }
+  assert picks == {"cpu": "blocked", "gpu": "matmul", "tpu": "matmul"}
+  net = networks.build_student(config.student, 0, abstract=True, platform="tpu")
+  assert net.module.pointwise_grad == "matmul"
+  net = networks.build_student(config.student, 0, abstract=True, platform="cpu")
+  assert net.module.pointwise_grad == "blocked"
+  # A training setting: not among the constructor kwargs that are exported.
+  assert "pointwise_grad" not in net.kwargs
+  config.student.pointwise_grad = "matmul"
+  net = networks.build_student(config.student, 0, abstract=True, platform="cpu")
+  assert net.module.pointwise_grad == "matmul"
+  # Students without the setting accept only 'auto'.
+  config.student.arch = "mobilefacenet"
+  with pytest.raises(networks.ConfigError, match="mobilefacenet has no such"):
+    networks.build_student(config.student, 0, abstract=True)
+  config.student.pointwise_grad = "auto"
+  networks.build_student(config.student, 0, abstract=True)
 
 
 def test_face_network_folder_is_not_a_generator(tmp_path):

@@ -55,5 +55,8 @@ def test_auto_splits_on_cpu_only():
 
 def test_unknown_mode_is_one_config_error():
   config = tiny.tiny_config(**{"mesh.split_iteration": "yes"})
-  with pytest.raises(experiment.ConfigError, match="mesh.split_iteration="):
+  with pytest.raises(
+      experiment.ConfigError,
+      match="mesh.split_iteration must be one of auto, on, off, got .yes.",
+  ):
     experiment.create(config, random_weights=True)

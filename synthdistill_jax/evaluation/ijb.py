@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 from PIL import ImageOps
 
+from synthdistill_jax import errors
 from synthdistill_jax import progress
 from synthdistill_jax.evaluation import settings
 
@@ -316,8 +317,7 @@ def warp_affine(
   Returns:
     uint8 [size, size, C] (or [size, size] for a 2-D image).
   """
-  if warp not in WARPS:
-    raise ValueError(f"warp must be one of {', '.join(WARPS)}, got {warp!r}")
+  errors.check_choice(warp, WARPS, "warp")
   image = np.asarray(image, np.uint8)
   inverse = invert_affine(matrix)
   if not np.isfinite(inverse).all():  # NaN landmarks: only the border.
@@ -534,8 +534,7 @@ def evaluate(
   Returns:
     `{'tar_at_far': {far: tar}, 'fpr', 'tpr', 'scores', 'auc'}`.
   """
-  if warp not in WARPS:
-    raise ValueError(f"warp must be one of {', '.join(WARPS)}, got {warp!r}")
+  errors.check_choice(warp, WARPS, "warp")
   faces = progress.count_batches(
       iterate_faces(meta, image_dir, batch_size, aligned, warp),
       total=len(meta.images),

@@ -7,11 +7,14 @@ Flax's defaults differ from PyTorch where the ported checkpoints care:
 padding because PyTorch's `padding=1` is not Flax's 'SAME' on strided convs.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from synthdistill_jax import errors
 
 Dtype = Any
 
@@ -120,6 +123,97 @@ def torch_padding(kernel_size: int, padding: int | None = None):
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
+# How the weight gradient of a 1x1 conv run as a matmul is computed:
+# 'matmul', autodiff's one dot over every pixel; 'blocked', dots over blocks
+# of `POINTWISE_BLOCK_ROWS` pixels summed afterwards. XLA:CPU lays one
+# operand of the single dot out transposed, and that copy reads the
+# activations with a stride of the channel count (10 ms of a 215 ms
+# TinyFaR-A step for one 56x56x96 layer); a block's transpose stays in cache.
+POINTWISE_GRADS = ("matmul", "blocked")
+POINTWISE_BLOCK_ROWS = 512
+
+
+def check_pointwise_grad(method: str, field: str = "pointwise_grad") -> str:
+  """Returns `method` if it is one of `POINTWISE_GRADS`.
+
+  Args:
+    method: how a pointwise conv's weight gradient is computed.
+    field: the argument or attribute name to report.
+
+  Returns:
+    `method`.
+
+  Raises:
+    ValueError: naming `field` and the known methods.
+  """
+  return errors.check_choice(method, POINTWISE_GRADS, field)
+
+
+def _pointwise(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
+  """`x [..., Cin] @ w [Cin, Cout]`, contracting the channels."""
+  return jax.lax.dot_general(
+      x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision
+  )
+
+
+def _row_block(rows: int) -> int:
+  """The largest divisor of `rows` up to `POINTWISE_BLOCK_ROWS`."""
+  return max(
+      d for d in range(1, min(rows, POINTWISE_BLOCK_ROWS) + 1) if rows % d == 0
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def pointwise_blocked(x: jax.Array, w: jax.Array, precision=None):
+  """`_pointwise(x, w)` whose weight gradient sums per-block matmuls.
+
+  `dw = sum_b x_b^T dy_b` over blocks `b` of at most `POINTWISE_BLOCK_ROWS`
+  pixels (a batched dot, then a sum over the blocks); the input gradient is
+  the plain `dy @ w^T`. Same values as autodiff's up to float rounding.
+
+  Args:
+    x: `[..., Cin]` activations.
+    w: `[Cin, Cout]` weights.
+    precision: `lax.dot_general` precision.
+
+  Returns:
+    `[..., Cout]`.
+  """
+  return _pointwise(x, w, precision)
+
+
+def _pointwise_blocked_fwd(x, w, precision):
+  return _pointwise(x, w, precision), (x, w)
+
+
+def _pointwise_blocked_bwd(precision, residuals, dy):
+  x, w = residuals
+  dx = jax.lax.dot_general(
+      dy, w, (((dy.ndim - 1,), (1,)), ((), ())), precision=precision
+  )
+  cin, cout = w.shape
+  rows = x.size // cin
+  block = _row_block(rows)
+  # A block too small to amortise its dot (a prime pixel count, say) or
+  # the whole batch in one block: the single dot.
+  if block == rows or block * 4 < POINTWISE_BLOCK_ROWS:
+    xb, dyb = x.reshape(1, rows, cin), dy.reshape(1, rows, cout)
+  else:
+    xb = x.reshape(rows // block, block, cin)
+    dyb = dy.reshape(rows // block, block, cout)
+  dw = jax.lax.dot_general(
+      xb,
+      dyb,
+      (((1,), (1,)), ((0,), (0,))),
+      precision=precision,
+      preferred_element_type=jnp.float32,
+  )
+  return dx.astype(x.dtype), jnp.sum(dw, axis=0).astype(w.dtype)
+
+
+pointwise_blocked.defvjp(_pointwise_blocked_fwd, _pointwise_blocked_bwd)
+
+
 def conv_or_matmul(
     lhs: jax.Array,
     rhs: jax.Array,
@@ -130,13 +224,15 @@ def conv_or_matmul(
     dimension_numbers=None,
     feature_group_count: int = 1,
     precision=None,
+    pointwise_grad: str = "matmul",
 ) -> jax.Array:
   """`lax.conv_general_dilated`, with 1x1 stride-1 NHWC convs as matmuls.
 
   For those the result is the same contraction over input channels, but
   XLA:CPU runs the weight gradient of a convolution by copying the
   activations to `[C, H, W, N]` first (a tenth of a TinyFaR step); a
-  matmul's gradient contracts the activations in place.
+  matmul's gradient contracts the activations in place. `pointwise_grad`
+  (`POINTWISE_GRADS`) picks how the matmul's weight gradient is computed.
   """
   pointwise = (
       rhs.shape[:2] == (1, 1)
@@ -161,9 +257,9 @@ def conv_or_matmul(
         feature_group_count=feature_group_count,
         precision=precision,
     )
-  return jax.lax.dot_general(
-      lhs, rhs[0, 0], (((3,), (0,)), ((), ())), precision=precision
-  )
+  if check_pointwise_grad(pointwise_grad) == "blocked":
+    return pointwise_blocked(lhs, rhs[0, 0], precision)
+  return _pointwise(lhs, rhs[0, 0], precision)
 
 
 def conv(
@@ -175,12 +271,14 @@ def conv(
     groups: int = 1,
     use_bias: bool = False,
     dtype: Dtype = jnp.float32,
+    pointwise_grad: str = "matmul",
     name: str | None = None,
 ) -> nn.Conv:
   """A `nn.Conv` laid out like `torch.nn.Conv2d` (NHWC, HWIO kernel).
 
   A PyTorch kernel `[out, in/groups, kh, kw]` maps to this one by
-  `w.transpose(2, 3, 1, 0)`.
+  `w.transpose(2, 3, 1, 0)`. 1x1 stride-1 convs run as matmuls whose weight
+  gradient is computed as `pointwise_grad` says (`conv_or_matmul`).
   """
   return nn.Conv(
       features,
@@ -192,6 +290,8 @@ def conv(
       dtype=dtype,
       param_dtype=jnp.float32,
       kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-      conv_general_dilated=conv_or_matmul,
+      conv_general_dilated=functools.partial(
+          conv_or_matmul, pointwise_grad=pointwise_grad
+      ),
       name=name,
   )

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from synthdistill_jax import errors
 from synthdistill_jax.ops import upfirdn2d as upfirdn2d_lib
 
 # How an up-sampling conv runs (`conv2d_resample`): 'dilated' is one conv of
@@ -74,11 +75,7 @@ def check_upsample_method(method: str, field: str = "upsample_method") -> str:
   Raises:
     ValueError: naming `field` and the known methods.
   """
-  if method not in UPSAMPLE_METHODS:
-    raise ValueError(
-        f"{field} must be one of {UPSAMPLE_METHODS}, got {method!r}"
-    )
-  return method
+  return errors.check_choice(method, UPSAMPLE_METHODS, field)
 
 
 def _conv(x, w, *, padding, groups, lhs_dilation=(1, 1), precision=None):

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from synthdistill_jax import errors
+
 # The low-pass filter of StyleGAN2 (binomial, [1,3,3,1]).
 DEFAULT_FILTER = (1, 3, 3, 1)
 
@@ -91,9 +93,7 @@ def check_method(method: str, field: str = "method") -> str:
   Raises:
     ValueError: one line naming `field` and the known methods.
   """
-  if method not in FILTER_METHODS:
-    raise ValueError(f"{field} must be one of {FILTER_METHODS}, got {method!r}")
-  return method
+  return errors.check_choice(method, FILTER_METHODS, field)
 
 
 def _depthwise(x: jax.Array, k: jax.Array, strides, precision) -> jax.Array:
