@@ -116,10 +116,11 @@ def transposed_conv_phases(
   """
   batch, height, width, _ = x.shape
   kh, kw, _, out_ch = w.shape
-  # Phase `a` has ceil((k - a) / up) taps; phase 0 the most. Padding both
-  # sides by that minus one gives every phase all of its windows.
+  # Phase `a` has ceil((k - a) / up) taps; phase 0 the most. Every phase
+  # has `height + rows - 1` output rows: a phase of `t` taps pads `t - 1`
+  # rows before and `rows - 1` after, as the conv's own padding (no padded
+  # copy of `x` per phase).
   rows, cols = -(-kh // up), -(-kw // up)
-  x = jnp.pad(x, ((0, 0), (rows - 1, rows - 1), (cols - 1, cols - 1), (0, 0)))
   out_h, out_w = height + rows - 1, width + cols - 1
   phases = []
   for a in range(up):
@@ -129,12 +130,9 @@ def transposed_conv_phases(
       if k.shape[0] == 0 or k.shape[1] == 0:  # a phase no tap reaches
         phases.append(jnp.zeros((batch, out_h, out_w, out_ch), x.dtype))
         continue
-      r0, c0 = rows - k.shape[0], cols - k.shape[1]
-      window = x[
-          :, r0 : r0 + out_h + k.shape[0] - 1, c0 : c0 + out_w + k.shape[1] - 1
-      ]
+      padding = ((k.shape[0] - 1, rows - 1), (k.shape[1] - 1, cols - 1))
       phases.append(
-          _conv(window, k, padding="VALID", groups=groups, precision=precision)
+          _conv(x, k, padding=padding, groups=groups, precision=precision)
       )
   y = jnp.stack(phases, axis=3).reshape(batch, out_h, out_w, up, up, out_ch)
   y = y.transpose(0, 1, 3, 2, 4, 5).reshape(batch, up * out_h, up * out_w, -1)
