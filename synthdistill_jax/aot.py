@@ -298,6 +298,8 @@ def compile_for_topology(
       "weights": exp.weights,
       # 'auto' resolved for the slice's platform (`networks`).
       "upsample_method": exp.generator.module.upsample_method,
+      # None for students without the setting (only TinyFaR has it).
+      "pointwise_grad": getattr(exp.student.module, "pointwise_grad", None),
       "lower_s": lower_s,
       "compile_s": compile_s,
       "convolutions_by_dtype": convolutions,
