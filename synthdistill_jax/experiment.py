@@ -130,12 +130,17 @@ def check_config(config, num_devices: int) -> None:
         f" {', '.join(sharding.STUDENT_SHARDINGS)}"
     )
   # Checks the field; which platform 'auto' means is decided in `create`.
-  networks.pick_upsample_method(config.generator, "cpu")
-  networks.pick_pointwise_grad(config.student, "cpu")
+  for field in networks.PLATFORM_SETTINGS:
+    networks.pick_for_platform(config[field.split(".")[0]], field, "cpu")
   try:
-    programs.check_split_mode(config.mesh.get("split_iteration", "auto"))
+    errors.check_choice(
+        config.mesh.get("split_iteration", "auto"),
+        programs.SPLIT_MODES,
+        "mesh.split_iteration",
+        programs.SPLIT_MODES_NOTE,
+    )
   except ValueError as e:
-    raise ConfigError(f"mesh.{e}") from None
+    raise ConfigError(str(e)) from None
   batch = config.schedule.batch_size
   if batch <= 0 or batch % num_devices or batch % jax.process_count():
     raise ConfigError(

@@ -126,60 +126,40 @@ def _dtype_overrides(cfg, generator: bool = False) -> dict:
   return {"dtype": cfg.dtype}
 
 
-def pick_upsample_method(cfg, platform: str) -> str:
-  """`config.generator.upsample_method`, with 'auto' resolved for `platform`.
+# Settings whose 'auto' depends on where the program runs: field ->
+# (choices, the pick on CPU, the pick on TPU and GPU). Both CPU picks were
+# measured on XLA:CPU only (docs/performance.md): the phase convs make the
+# paper generator 1.4x faster, blocked weight gradients the TinyFaR-A step
+# 12 %; accelerators keep their native transposed conv and autodiff's
+# single matmul.
+PLATFORM_SETTINGS = {
+    "generator.upsample_method": (
+        conv_ops.UPSAMPLE_METHODS,
+        "phases",
+        "dilated",
+    ),
+    "student.pointwise_grad": (layers.POINTWISE_GRADS, "blocked", "matmul"),
+}
+
+
+def pick_for_platform(cfg, field: str, platform: str) -> str:
+  """A `PLATFORM_SETTINGS` field of a config section, 'auto' resolved.
 
   Args:
-    cfg: `config.generator`.
+    cfg: the section (`config.generator`, `config.student`).
+    field: the dotted field, e.g. 'generator.upsample_method'.
     platform: the mesh's platform ('cpu', 'gpu', 'tpu').
 
   Returns:
-    One of `conv.UPSAMPLE_METHODS`.
+    One of the field's choices.
 
   Raises:
     ConfigError: one line naming the field and the known values.
   """
-  # Measured on XLA:CPU only: the phase convs make the paper generator 1.4x
-  # faster there (docs/performance.md); accelerators keep their native
-  # transposed conv.
-  return _resolve_auto(
-      cfg.get("upsample_method", "auto"),
-      "generator.upsample_method",
-      conv_ops.UPSAMPLE_METHODS,
-      ("phases", "dilated"),
-      platform,
-  )
-
-
-def pick_pointwise_grad(cfg, platform: str) -> str:
-  """`config.student.pointwise_grad`, with 'auto' resolved for `platform`.
-
-  Args:
-    cfg: `config.student`.
-    platform: the mesh's platform ('cpu', 'gpu', 'tpu').
-
-  Returns:
-    One of `layers.POINTWISE_GRADS`.
-
-  Raises:
-    ConfigError: one line naming the field and the known values.
-  """
-  # Measured on XLA:CPU only: blocked weight gradients make the TinyFaR-A
-  # step 12 % faster there (docs/performance.md); accelerators keep
-  # autodiff's single matmul.
-  return _resolve_auto(
-      cfg.get("pointwise_grad", "auto"),
-      "student.pointwise_grad",
-      layers.POINTWISE_GRADS,
-      ("blocked", "matmul"),
-      platform,
-  )
-
-
-def _resolve_auto(value, field, choices, cpu_and_elsewhere, platform):
-  """`value`, or for 'auto' the first of `cpu_and_elsewhere` on CPU."""
+  choices, on_cpu, elsewhere = PLATFORM_SETTINGS[field]
+  value = cfg.get(field.rsplit(".", 1)[1], "auto")
   if value == "auto":
-    return cpu_and_elsewhere[0 if platform == "cpu" else 1]
+    return on_cpu if platform == "cpu" else elsewhere
   try:
     return errors.check_choice(value, choices, field)
   except ValueError:
@@ -206,8 +186,10 @@ def build_generator(
     The generator `Network`.
   """
   overrides = _dtype_overrides(cfg, generator=True)
-  overrides["upsample_method"] = pick_upsample_method(
-      cfg, platform or jax.devices()[0].platform
+  overrides["upsample_method"] = pick_for_platform(
+      cfg,
+      "generator.upsample_method",
+      platform or jax.devices()[0].platform,
   )
   if cfg.get("checkpoint"):
     net = _load(
@@ -307,7 +289,9 @@ def build_student(
     gradients are computed is not part of the exported model).
   """
   kwargs = dict(_kwargs(cfg), **_dtype_overrides(cfg))
-  grad = pick_pointwise_grad(cfg, platform or jax.devices()[0].platform)
+  grad = pick_for_platform(
+      cfg, "student.pointwise_grad", platform or jax.devices()[0].platform
+  )
   net = _init_face_network(cfg.arch, kwargs, seed, "student", abstract)
   if hasattr(net.module, "pointwise_grad"):
     net.module = net.module.clone(pointwise_grad=grad)

@@ -35,30 +35,13 @@ from synthdistill_jax import errors
 from synthdistill_jax import sharding
 
 SPLIT_MODES = ("auto", "on", "off")
+SPLIT_MODES_NOTE = (
+    " ('auto': separate programs on CPU, one program on TPU and GPU)"
+)
 
 # XLA:CPU options of the render+teacher executable: no YNNPACK fusions, so
 # that convolutions take XLA's own (Eigen) path.
 RENDER_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
-def check_split_mode(mode: str) -> str:
-  """Returns `mode` if it is one of `SPLIT_MODES`.
-
-  Args:
-    mode: the `split_iteration` setting.
-
-  Returns:
-    `mode`.
-
-  Raises:
-    ValueError: one line naming `split_iteration` and the known modes.
-  """
-  return errors.check_choice(
-      mode,
-      SPLIT_MODES,
-      "split_iteration",
-      " ('auto': separate programs on CPU, one program on TPU and GPU)",
-  )
 
 
 def use_split(mode: str, mesh: jax.sharding.Mesh, sampler: str) -> bool:
@@ -75,7 +58,8 @@ def use_split(mode: str, mesh: jax.sharding.Mesh, sampler: str) -> bool:
   Raises:
     ValueError: one line naming `split_iteration` for an unknown mode.
   """
-  if sampler == "static" or check_split_mode(mode) == "off":
+  errors.check_choice(mode, SPLIT_MODES, "split_iteration", SPLIT_MODES_NOTE)
+  if sampler == "static" or mode == "off":
     return False
   return mode == "on" or mesh.devices.flat[0].platform == "cpu"
 

@@ -134,12 +134,19 @@ def test_upsample_method_auto_is_phases_on_cpu_only():
   config = test_train.tiny_config()
   assert config.generator.upsample_method == "auto"
   picks = {
-      p: networks.pick_upsample_method(config.generator, p)
+      p: networks.pick_for_platform(
+          config.generator, "generator.upsample_method", p
+      )
       for p in ("cpu", "gpu", "tpu")
   }
   assert picks == {"cpu": "phases", "gpu": "dilated", "tpu": "dilated"}
   config.generator.upsample_method = "dilated"
-  assert networks.pick_upsample_method(config.generator, "cpu") == "dilated"
+  assert (
+      networks.pick_for_platform(
+          config.generator, "generator.upsample_method", "cpu"
+      )
+      == "dilated"
+  )
   net = networks.build_generator(config.generator, platform="cpu")
   assert net.module.upsample_method == "dilated"
   config.generator.upsample_method = "auto"
@@ -151,7 +158,7 @@ def test_pointwise_grad_auto_is_blocked_on_cpu_only():
   config = synthdistill.get_config("tinyfar_a")
   assert config.student.pointwise_grad == "auto"
   picks = {
-      p: networks.pick_pointwise_grad(config.student, p)
+      p: networks.pick_for_platform(config.student, "student.pointwise_grad", p)
       for p in ("cpu", "gpu", "tpu")
   }
   assert picks == {"cpu": "blocked", "gpu": "matmul", "tpu": "matmul"}

@@ -133,22 +133,6 @@ POINTWISE_GRADS = ("matmul", "blocked")
 POINTWISE_BLOCK_ROWS = 512
 
 
-def check_pointwise_grad(method: str, field: str = "pointwise_grad") -> str:
-  """Returns `method` if it is one of `POINTWISE_GRADS`.
-
-  Args:
-    method: how a pointwise conv's weight gradient is computed.
-    field: the argument or attribute name to report.
-
-  Returns:
-    `method`.
-
-  Raises:
-    ValueError: naming `field` and the known methods.
-  """
-  return errors.check_choice(method, POINTWISE_GRADS, field)
-
-
 def _pointwise(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
   """`x [..., Cin] @ w [Cin, Cout]`, contracting the channels."""
   return jax.lax.dot_general(
@@ -257,7 +241,8 @@ def conv_or_matmul(
         feature_group_count=feature_group_count,
         precision=precision,
     )
-  if check_pointwise_grad(pointwise_grad) == "blocked":
+  errors.check_choice(pointwise_grad, POINTWISE_GRADS, "pointwise_grad")
+  if pointwise_grad == "blocked":
     return pointwise_blocked(lhs, rhs[0, 0], precision)
   return _pointwise(lhs, rhs[0, 0], precision)
 

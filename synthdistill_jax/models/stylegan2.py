@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from synthdistill_jax import errors
 from synthdistill_jax.models import registry
 from synthdistill_jax.ops import conv as conv_ops
 from synthdistill_jax.ops import upfirdn2d
@@ -504,8 +505,12 @@ class Generator(nn.Module):
       raise ValueError(
           f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}"
       )
-    upfirdn2d.check_method(self.filter_method, "filter_method")
-    conv_ops.check_upsample_method(self.upsample_method)
+    errors.check_choice(
+        self.filter_method, upfirdn2d.FILTER_METHODS, "filter_method"
+    )
+    errors.check_choice(
+        self.upsample_method, conv_ops.UPSAMPLE_METHODS, "upsample_method"
+    )
     self.mapping_net = MappingNetwork(
         self.z_dim,
         self.c_dim,
@@ -576,8 +581,16 @@ def create(arch: str = "stylegan2", **kwargs: Any) -> Generator:
     raise ValueError(f"unknown StyleGAN architecture {arch!r}; known: {ARCHS}")
   # Checked here too (not only at trace time) so that a config or model.json
   # mistake is reported when the module is built.
-  upfirdn2d.check_method(kwargs.get("filter_method", "slices"), "filter_method")
-  conv_ops.check_upsample_method(kwargs.get("upsample_method", "dilated"))
+  errors.check_choice(
+      kwargs.get("filter_method", "slices"),
+      upfirdn2d.FILTER_METHODS,
+      "filter_method",
+  )
+  errors.check_choice(
+      kwargs.get("upsample_method", "dilated"),
+      conv_ops.UPSAMPLE_METHODS,
+      "upsample_method",
+  )
   return Generator(**kwargs)
 
 

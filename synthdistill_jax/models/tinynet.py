@@ -186,21 +186,6 @@ def build_block_specs(
 DEPTHWISE_METHODS = ("slices", "conv")
 
 
-def check_depthwise_method(method: str) -> str:
-  """Returns `method` if it is one of `DEPTHWISE_METHODS`.
-
-  Args:
-    method: how depthwise convs run.
-
-  Returns:
-    `method`.
-
-  Raises:
-    ValueError: one line naming `depthwise_method` and the known methods.
-  """
-  return errors.check_choice(method, DEPTHWISE_METHODS, "depthwise_method")
-
-
 def _depthwise_valid(xp: jax.Array, kernel: jax.Array, stride: int):
   """VALID depthwise correlation of padded `xp` by `kernel [k, k, C]`."""
   k = kernel.shape[0]
@@ -351,7 +336,8 @@ class DepthwiseConv(nn.Module):
     )
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
-    if check_depthwise_method(self.method) == "slices":
+    errors.check_choice(self.method, DEPTHWISE_METHODS, "depthwise_method")
+    if self.method == "slices":
       return depthwise_by_slices(x, kernel, self.stride)
     return jax.lax.conv_general_dilated(
         x,
@@ -629,8 +615,16 @@ def create(arch: str, **kwargs: Any) -> TinyFaR:
     )
   # Checked here too (not only at trace time) so that a config or model.json
   # mistake is reported when the module is built.
-  check_depthwise_method(config.get("depthwise_method", "slices"))
-  layers.check_pointwise_grad(config.get("pointwise_grad", "matmul"))
+  errors.check_choice(
+      config.get("depthwise_method", "slices"),
+      DEPTHWISE_METHODS,
+      "depthwise_method",
+  )
+  errors.check_choice(
+      config.get("pointwise_grad", "matmul"),
+      layers.POINTWISE_GRADS,
+      "pointwise_grad",
+  )
   return TinyFaR(**config)
 
 

@@ -62,22 +62,6 @@ def bias_act(
   return x
 
 
-def check_upsample_method(method: str, field: str = "upsample_method") -> str:
-  """Returns `method` if it is one of `UPSAMPLE_METHODS`.
-
-  Args:
-    method: how an up-sampling conv runs.
-    field: the argument or attribute name to report.
-
-  Returns:
-    `method`.
-
-  Raises:
-    ValueError: naming `field` and the known methods.
-  """
-  return errors.check_choice(method, UPSAMPLE_METHODS, field)
-
-
 def _conv(x, w, *, padding, groups, lhs_dilation=(1, 1), precision=None):
   """A plain NHWC/HWIO convolution (correlation) with explicit padding."""
   return jax.lax.conv_general_dilated(
@@ -188,7 +172,8 @@ def conv2d_resample(
   p1 = padding + (taps - up) // 2
   px0, px1 = p0 - (kw - 1), p1 - (kw - up)
   py0, py1 = p0 - (kh - 1), p1 - (kh - up)
-  if check_upsample_method(upsample_method) == "phases":
+  errors.check_choice(upsample_method, UPSAMPLE_METHODS, "upsample_method")
+  if upsample_method == "phases":
     x = transposed_conv_phases(x, w, up=up, groups=groups, precision=precision)
   else:
     x = _conv(

@@ -80,22 +80,6 @@ def _parse_padding(padding) -> tuple[int, int, int, int]:
 FILTER_METHODS = ("slices", "conv")
 
 
-def check_method(method: str, field: str = "method") -> str:
-  """Returns `method` if it is one of `FILTER_METHODS`.
-
-  Args:
-    method: how the FIR filter is applied.
-    field: the argument or attribute name to report.
-
-  Returns:
-    `method`.
-
-  Raises:
-    ValueError: one line naming `field` and the known methods.
-  """
-  return errors.check_choice(method, FILTER_METHODS, field)
-
-
 def _depthwise(x: jax.Array, k: jax.Array, strides, precision) -> jax.Array:
   """Applies the same `[kh, kw]` kernel to every channel of NHWC `x`."""
   channels = x.shape[-1]
@@ -200,7 +184,7 @@ def upfirdn2d(
     `[batch, out_h, out_w, channels]` with
     `out = (in * up + pad0 + pad1 - taps + down) // down`.
   """
-  check_method(method)
+  errors.check_choice(method, FILTER_METHODS, "method")
   if f is None:
     f = np.ones([1, 1], np.float32)
   if not isinstance(f, jax.core.Tracer):
