@@ -10,6 +10,7 @@ from typing import Iterable
 
 import numpy as np
 
+from synthdistill_jax import errors
 from synthdistill_jax import progress
 from synthdistill_jax.data import verification_bin
 from synthdistill_jax.evaluation import embedding
@@ -230,12 +231,9 @@ def read_inputs(evals_config, progress_bar: bool = False) -> Inputs:
         f" got {cfg!r}"
     )
   if cfg and cfg.get("meta_dir", "") and cfg.get("name", ""):
-    warp = cfg.get("warp", ijb.DEFAULT_WARP)
-    if warp not in ijb.WARPS:
-      raise ValueError(
-          f"evals.ijb.warp must be one of {', '.join(ijb.WARPS)}, got"
-          f" {warp!r}"
-      )
+    errors.check_choice(
+        cfg.get("warp", ijb.DEFAULT_WARP), ijb.WARPS, "evals.ijb.warp"
+    )
     meta = ijb.read_meta(cfg.meta_dir, cfg.name)
   return Inputs(bins, meta)
 

@@ -418,10 +418,7 @@ class SynthesisNetwork(nn.Module):
 
   @nn.compact
   def __call__(self, ws, *, noise_mode="random", fused=False):
-    if noise_mode not in NOISE_MODES:
-      raise ValueError(
-          f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}"
-      )
+    errors.check_choice(noise_mode, NOISE_MODES, "noise_mode")
     ws = jnp.asarray(ws, jnp.float32)
     x = img = None
     w_idx = 0
@@ -501,10 +498,7 @@ class Generator(nn.Module):
     return 2 * (int(np.log2(self.img_resolution)) - 1)
 
   def setup(self):
-    if self.architecture not in ARCHITECTURES:
-      raise ValueError(
-          f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}"
-      )
+    errors.check_choice(self.architecture, ARCHITECTURES, "architecture")
     errors.check_choice(
         self.filter_method, upfirdn2d.FILTER_METHODS, "filter_method"
     )
