@@ -130,7 +130,7 @@ def _dtype_overrides(cfg, generator: bool = False) -> dict:
 # (choices, the pick on CPU, the pick on TPU and GPU). Both CPU picks were
 # measured on XLA:CPU only (docs/performance.md): the phase convs make the
 # paper generator 1.4x faster, blocked weight gradients the TinyFaR-A step
-# 12 %; accelerators keep their native transposed conv and autodiff's
+# 11 %; accelerators keep their native transposed conv and autodiff's
 # single matmul.
 PLATFORM_SETTINGS = {
     "generator.upsample_method": (
@@ -226,8 +226,19 @@ def build_generator(
 
 
 def _init_face_network(
-    arch: str, kwargs: dict, seed: int, field: str, abstract: bool = False
+    arch: str,
+    kwargs: dict,
+    seed: int,
+    field: str,
+    abstract: bool = False,
+    adjust=None,
 ):
+  """Builds and initialises a face network; `adjust(module)` runs first.
+
+  `adjust` returns the module to initialise (e.g. a clone with training
+  settings that are not constructor kwargs) and may raise `ConfigError`
+  before anything is compiled.
+  """
   if arch not in face_archs():
     raise ConfigError(
         f"{field}.arch={arch!r}: unknown face network; known:"
@@ -237,6 +248,8 @@ def _init_face_network(
     module = models.create_model(arch, **kwargs)
   except (TypeError, ValueError) as e:
     raise ConfigError(f"{field}.kwargs={kwargs}: {e}") from None
+  if adjust is not None:
+    module = adjust(module)
   if abstract:
     return Network(module, _abstract_init(module), arch, kwargs)
   x = jnp.zeros((2, FACE_SIZE, FACE_SIZE, 3), jnp.float32)
@@ -292,14 +305,20 @@ def build_student(
   grad = pick_for_platform(
       cfg, "student.pointwise_grad", platform or jax.devices()[0].platform
   )
-  net = _init_face_network(cfg.arch, kwargs, seed, "student", abstract)
-  if hasattr(net.module, "pointwise_grad"):
-    net.module = net.module.clone(pointwise_grad=grad)
-  elif cfg.get("pointwise_grad", "auto") != "auto":
-    raise ConfigError(
-        f"student.pointwise_grad={cfg.pointwise_grad!r}: {cfg.arch} has no"
-        " such setting (TinyFaR students do); leave it 'auto'"
-    )
+
+  def set_pointwise_grad(module):
+    if hasattr(module, "pointwise_grad"):
+      return module.clone(pointwise_grad=grad)
+    if cfg.get("pointwise_grad", "auto") != "auto":
+      raise ConfigError(
+          f"student.pointwise_grad={cfg.pointwise_grad!r}: {cfg.arch} has no"
+          " such setting (TinyFaR students do); leave it 'auto'"
+      )
+    return module
+
+  net = _init_face_network(
+      cfg.arch, kwargs, seed, "student", abstract, set_pointwise_grad
+  )
   if cfg.get("init_checkpoint") and not abstract:
     check_model_folder(cfg.init_checkpoint, "student.init_checkpoint", "face")
     _, pretrained = models.load(cfg.init_checkpoint)
