@@ -188,9 +188,16 @@ DEPTHWISE_METHODS = ("slices", "conv")
 
 def _depthwise_valid(xp: jax.Array, kernel: jax.Array, stride: int):
   """VALID depthwise correlation of padded `xp` by `kernel [k, k, C]`."""
-  k = kernel.shape[0]
+  k, c = kernel.shape[0], kernel.shape[-1]
+  # One reshape and `k*k` lax slices: `kernel[i, j]` would trace `jnp`
+  # indexing per tap.
+  taps = jax.lax.reshape(kernel, (k * k, c))
   return upfirdn2d.weighted_window_sum(
-      xp, lambda i, j: kernel[i, j], k, k, (stride, stride)
+      xp,
+      lambda i, j: jax.lax.index_in_dim(taps, i * k + j, keepdims=False),
+      k,
+      k,
+      (stride, stride),
   )
 
 
@@ -250,7 +257,7 @@ def _depthwise_kernel_grad(xp, dyp, lo, out_hw, k, stride):
   parts = []
   for i in range(k):
     for j in range(k):
-      part = 0
+      part = None
       for q in range(rows):
         tap = _strided(
             xp, (i + q * stride, j), (stride * rows, stride), (groups, out_w)
@@ -261,7 +268,12 @@ def _depthwise_kernel_grad(xp, dyp, lo, out_hw, k, stride):
             (stride * rows, stride),
             (groups, out_w),
         )
-        part = part + tap.astype(acc) * d.astype(acc)
+        # `lax` ops: k*k*rows of them per layer, see `weighted_window_sum`.
+        prod = jax.lax.mul(
+            jax.lax.convert_element_type(tap, acc),
+            jax.lax.convert_element_type(d, acc),
+        )
+        part = prod if q == 0 else jax.lax.add(part, prod)
       parts.append(part)
   c = xp.shape[3]
   return jnp.sum(jnp.stack(parts, axis=3), axis=(0, 1, 2)).reshape(k, k, 1, c)
@@ -292,7 +304,7 @@ def _depthwise_bwd(stride, residuals, dy):
       zero,
       ((0, 0, 0), (lo, hi_h, stride - 1), (lo, hi_w, stride - 1), (0, 0, 0)),
   )
-  flipped = kernel[::-1, ::-1, 0]
+  flipped = jax.lax.rev(kernel[:, :, 0], (0, 1))
   dx = _depthwise_valid(dyp, flipped, 1)
   dkernel = _depthwise_kernel_grad(
       xp, dyp, lo, (out_h, out_w), k, stride
