@@ -439,6 +439,16 @@ def create(
   mesh = create_mesh(config, devices)
   check_config(config, mesh.size)
   platform = mesh.devices.flat[0].platform
+  if config.sampler.kind != "static":
+    # On abstract networks first (seconds): the real builds compile the
+    # initialisers and calibrate a random teacher, 50 s on 2 cores for the
+    # demo before a mismatch would show.
+    networks.check_embedding_sizes(
+        networks.build_teacher(config.teacher, abstract=True),
+        networks.build_student(
+            config.student, config.seed, abstract=True, platform=platform
+        ),
+    )
   student = networks.build_student(
       config.student, config.seed, abstract, platform=platform
   )
@@ -448,7 +458,6 @@ def create(
         config.generator, abstract, platform=platform
     )
     teacher = networks.build_teacher(config.teacher, abstract)
-    networks.check_embedding_sizes(teacher, student)
   tx, schedule = create_optimizer(config)
   spec = create_spec(config, mesh, (generator, teacher, student), tx, schedule)
   gen_vars = teacher_vars = render = None

@@ -130,6 +130,24 @@ def test_bad_configs_fail_with_one_line(tmp_path):
   )
 
 
+def test_embedding_mismatch_fails_before_any_network_is_built(monkeypatch):
+  built = []
+  real_init = networks._init_face_network
+
+  def init(arch, kwargs, seed, field, abstract=False, adjust=None):
+    built.append((field, abstract))
+    return real_init(arch, kwargs, seed, field, abstract, adjust)
+
+  monkeypatch.setattr(networks, "_init_face_network", init)
+  config = test_train.tiny_config()
+  config.student.kwargs = dict(config.student.kwargs, embedding_size=17)
+  with pytest.raises(experiment.ConfigError) as info:
+    experiment.create(config, random_weights=True)
+  assert str(info.value).startswith("student.kwargs: the student embeds to 17")
+  assert "set the student's embedding size to" in str(info.value)
+  assert built and all(abstract for _, abstract in built), built
+
+
 def test_upsample_method_auto_is_phases_on_cpu_only():
   config = test_train.tiny_config()
   assert config.generator.upsample_method == "auto"
