@@ -253,10 +253,22 @@ def _init_face_network(
   if abstract:
     return Network(module, _abstract_init(module), arch, kwargs)
   x = jnp.zeros((2, FACE_SIZE, FACE_SIZE, 3), jnp.float32)
-  variables = jax.jit(lambda k: module.init(k, x, train=False))(
-      jax.random.key(seed)
-  )
+  key = jax.random.key(seed)
+  init = jax.jit(lambda k: module.init(k, x, train=False)).lower(key)
+  variables = init.compile(compiler_options=one_off_options())(key)
   return Network(module, jax.device_get(variables), arch, kwargs)
+
+
+# XLA:CPU options for programs that run once, such as initialisers: LLVM
+# without optimisation passes. A student's initialiser is one random-number
+# kernel per parameter; TinyFaR-A's compiled in 31 s on a 2-core host and
+# runs in 0.13 s; unoptimised it compiles in 16 s and runs in 0.9 s.
+ONE_OFF_CPU_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
+def one_off_options() -> dict | None:
+  """Compiler options for a program run once on the default device."""
+  return ONE_OFF_CPU_OPTIONS if jax.default_backend() == "cpu" else None
 
 
 def build_teacher(cfg, abstract: bool = False) -> Network:

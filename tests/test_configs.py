@@ -148,6 +148,16 @@ def test_embedding_mismatch_fails_before_any_network_is_built(monkeypatch):
   assert built and all(abstract for _, abstract in built), built
 
 
+def test_face_network_init_unoptimised_on_cpu_same_values():
+  assert networks.one_off_options() == {"xla_backend_optimization_level": 0}
+  config = test_train.tiny_config()
+  net = networks.build_student(config.student, 3, platform="cpu")
+  x = jnp.zeros((2, 112, 112, 3), jnp.float32)
+  ref = jax.jit(lambda k: net.module.init(k, x, train=False))(jax.random.key(3))
+  for a, b in zip(jax.tree.leaves(net.variables), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_upsample_method_auto_is_phases_on_cpu_only():
   config = test_train.tiny_config()
   assert config.generator.upsample_method == "auto"
