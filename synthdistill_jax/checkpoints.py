@@ -12,16 +12,18 @@ SIGTERM (preemption) only sets a flag; the training loop saves at the next
 iteration boundary and returns cleanly.
 """
 
+import math
 import os
 import re
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from etils import epath
 import jax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from synthdistill_jax import errors
@@ -113,7 +115,10 @@ def _set_aside(manager, step: int, reason: str, log) -> str:
 
 
 def restore_latest(
-    manager: ocp.CheckpointManager, abstract_state: Any, log=print
+    manager: ocp.CheckpointManager,
+    abstract_state: Any,
+    log=print,
+    alternatives: Sequence[Any] = (),
 ):
   """Restores the newest restorable checkpoint onto `abstract_state`.
 
@@ -121,12 +126,17 @@ def restore_latest(
   missing metadata) is moved aside to `<dir>.corrupt/` (never deleted), with
   one line naming it and why, and the one before it is tried. A checkpoint
   of other shapes than the config's student is a config mistake, not
-  corruption: `errors.ConfigError`, nothing moved.
+  corruption: `errors.ConfigError`, nothing moved. A checkpoint laid out as
+  one of `alternatives` (the same numbers in other arrays: the optimiser
+  state per parameter or raveled) is restored onto it and converted with
+  `regroup`, with one line saying so.
 
   Args:
     manager: from `create_manager`.
     abstract_state: a `TrainState` of `jax.ShapeDtypeStruct`s with shardings.
     log: where the messages go.
+    alternatives: other abstract states a checkpoint may hold, each
+      convertible to `abstract_state` by `regroup`.
 
   Returns:
     The restored state, or None when there is no checkpoint at all.
@@ -146,18 +156,29 @@ def restore_latest(
       # orbax/tensorstore raise many types for damaged files.
       aside.append(_set_aside(manager, step, _reason(e), log))
       continue
+    target = abstract_state
     if saved is not None and saved != wanted:
+      target = next((a for a in alternatives if _layout(a) == saved), None)
+    if target is None:
       raise errors.ConfigError(
           f"checkpoint {step} in {manager.directory} holds a student of other"
           f" shapes ({_first_difference(saved, wanted)}); resume with the"
           " config it was trained with, or use another --workdir"
       )
     try:
-      return manager.restore(
-          step, args=ocp.args.StandardRestore(abstract_state)
-      )
+      restored = manager.restore(step, args=ocp.args.StandardRestore(target))
     except Exception as e:  # pylint: disable=broad-except
       aside.append(_set_aside(manager, step, _reason(e), log))
+      continue
+    if target is abstract_state:
+      return restored
+    log(
+        f"checkpoint {step} holds the optimiser state in another layout (an"
+        " earlier version's, another platform's or another"
+        " mesh.student_sharding's); converted to this run's, the numbers"
+        " unchanged"
+    )
+    return regroup(restored, abstract_state)
   if aside:
     raise CheckpointError(
         f"no restorable checkpoint in {manager.directory}: all were damaged"
@@ -175,6 +196,95 @@ def restore_latest(
         f" {directory}"
     )
   return None
+
+
+def _regroup_plan(source: list, target: list) -> list | None:
+  """How `target`'s leaves are made of `source`'s (shape/dtype lists).
+
+  Each entry is `("take", i)`: source leaf `i` as it is; `("concat", i, j)`:
+  source leaves `i:j` raveled and concatenated (a raveled vector); or
+  `("cut", i, offset)`: the elements from `offset` of the 1-D source leaf
+  `i` (one array of a raveled vector). None when the two do not hold the
+  same numbers in the same order.
+  """
+  plan, i, offset = [], 0, 0
+  for want in target:
+    size = math.prod(want.shape)
+    if i >= len(source):
+      return None
+    here = source[i]
+    if offset == 0 and here.shape == want.shape and here.dtype == want.dtype:
+      plan.append(("take", i))
+      i += 1
+      continue
+    if offset == 0 and len(want.shape) == 1:
+      j, total = i, 0
+      while j < len(source) and total < size:
+        if source[j].dtype != want.dtype:
+          break
+        total += math.prod(source[j].shape)
+        j += 1
+      if total == size:
+        plan.append(("concat", i, j))
+        i = j
+        continue
+    length = math.prod(here.shape)
+    if len(here.shape) != 1 or here.dtype != want.dtype:
+      return None
+    if offset + size > length:
+      return None
+    plan.append(("cut", i, offset))
+    offset += size
+    if offset == length:
+      i, offset = i + 1, 0
+  if i != len(source) or offset:
+    return None
+  return plan
+
+
+def regroup(tree: Any, target: Any) -> Any:
+  """`tree`'s numbers in `target`'s arrays (and shardings), in leaf order.
+
+  The optimiser state of `optax.flatten(t)` holds in one vector what that
+  of `t` holds in one array per parameter, in the same tree order: this
+  converts either way (concatenating raveled leaves, or cutting a vector
+  into arrays), and leaves of equal shapes as they are.
+
+  Args:
+    tree: global arrays.
+    target: `jax.ShapeDtypeStruct`s with shardings, of the same numbers.
+
+  Returns:
+    `tree` regrouped as `target`.
+
+  Raises:
+    ValueError: the two do not hold the same numbers in the same order.
+  """
+  source = jax.tree.leaves(tree)
+  wanted, treedef = jax.tree.flatten(target)
+  plan = _regroup_plan(source, wanted)
+  if plan is None:
+    raise ValueError(
+        "the state cannot be regrouped: other numbers than the target's"
+    )
+
+  def convert(leaves):
+    out = []
+    for (kind, i, *rest), want in zip(plan, wanted):
+      if kind == "take":
+        out.append(leaves[i])
+      elif kind == "concat":
+        out.append(jnp.concatenate([jnp.ravel(x) for x in leaves[i : rest[0]]]))
+      else:
+        size = math.prod(want.shape)
+        piece = jax.lax.slice_in_dim(leaves[i], rest[0], rest[0] + size)
+        out.append(jnp.reshape(piece, want.shape))
+    return out
+
+  shardings = [w.sharding for w in wanted]
+  return jax.tree.unflatten(
+      treedef, jax.jit(convert, out_shardings=shardings)(source)
+  )
 
 
 def _reason(error: BaseException) -> str:

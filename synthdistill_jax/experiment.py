@@ -213,11 +213,26 @@ def describe_weights(config) -> str:
 # Student state and the optimiser.
 
 
-def create_optimizer(config):
+def ravel_optimizer(config, platform: str) -> bool:
+  """Whether Adam runs on one raveled vector (`optax.flatten`).
+
+  Leaf by leaf, XLA:CPU compiles a few kernels per parameter leaf
+  (TinyFaR-A: 250 leaves) for Adam's moments: raveled, one each. Only for a
+  replicated student (raveling sharded leaves would gather them) and on CPU
+  (on TPU and GPU raveling may cost relayout copies; not measured there).
+  A checkpoint of either layout resumes under the other
+  (`other_state_layouts`).
+  """
+  return platform == "cpu" and config.mesh.student_sharding == "replicated"
+
+
+def create_optimizer(config, ravel: bool = False):
   """Adam with the paper's step decay, counted in optimiser updates.
 
   Args:
     config: the experiment config.
+    ravel: Adam on one raveled vector (`ravel_optimizer`): the same
+      numbers, another layout of the optimiser state.
 
   Returns:
     `(tx, schedule)`.
@@ -233,6 +248,8 @@ def create_optimizer(config):
       staircase=True,
   )
   tx = optax.adam(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps)
+  if ravel:
+    tx = optax.flatten(tx)
   frozen_paths = set(models.registry.frozen_params(config.student.arch))
   if frozen_paths:
     # Parameters the reference never trains keep their initial value.
@@ -263,6 +280,15 @@ def _with_shardings(tree, shardings):
   )
 
 
+def _state_shardings(config, mesh, shapes):
+  """The state's shardings: the student's by the config, step/rng replicated."""
+  shardings = sharding.student_shardings(
+      mesh, shapes, config.mesh.student_sharding
+  )
+  rep = sharding.replicated(mesh)
+  return shardings.replace(step=rep, rng=rep)
+
+
 def create_state(mesh, config, student: networks.Network, tx, abstract=False):
   """The initial `TrainState`, created directly with its shardings.
 
@@ -287,11 +313,7 @@ def create_state(mesh, config, student: networks.Network, tx, abstract=False):
     )
 
   shapes = jax.eval_shape(make_state, student.variables)
-  shardings = sharding.student_shardings(
-      mesh, shapes, config.mesh.student_sharding
-  )
-  rep = sharding.replicated(mesh)
-  shardings = shardings.replace(step=rep, rng=rep)
+  shardings = _state_shardings(config, mesh, shapes)
   if abstract:
     return _with_shardings(shapes, shardings), shardings
   variables = sharding.put_replicated(mesh, student.variables)
@@ -302,6 +324,29 @@ def create_state(mesh, config, student: networks.Network, tx, abstract=False):
 def abstract_state(state, shardings):
   """`ShapeDtypeStruct`s with shardings: the restore target."""
   return _with_shardings(state, shardings)
+
+
+def other_state_layouts(config, mesh, state) -> list:
+  """Abstract states of the same numbers that a checkpoint may hold instead.
+
+  The optimiser state raveled or per parameter (`ravel_optimizer`): written
+  by an earlier version of this project, on another platform or under the
+  other `mesh.student_sharding`. `checkpoints.restore_latest` restores such a
+  checkpoint and converts it.
+
+  Args:
+    config: the experiment config.
+    mesh: the device mesh.
+    state: the config's state (arrays or `ShapeDtypeStruct`s).
+
+  Returns:
+    A list of `distill.TrainState`s of `ShapeDtypeStruct`s with shardings.
+  """
+  platform = mesh.devices.flat[0].platform
+  tx, _ = create_optimizer(config, ravel=not ravel_optimizer(config, platform))
+  other = state.replace(opt_state=jax.eval_shape(tx.init, state.params))
+  other = jax.eval_shape(lambda s: s, other)
+  return [_with_shardings(other, _state_shardings(config, mesh, other))]
 
 
 # ----------------------------------------------------------------------------
@@ -458,7 +503,9 @@ def create(
         config.generator, abstract, platform=platform
     )
     teacher = networks.build_teacher(config.teacher, abstract)
-  tx, schedule = create_optimizer(config)
+  tx, schedule = create_optimizer(
+      config, ravel=ravel_optimizer(config, platform)
+  )
   spec = create_spec(config, mesh, (generator, teacher, student), tx, schedule)
   gen_vars = teacher_vars = render = None
   rep = sharding.replicated(mesh)

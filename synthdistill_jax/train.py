@@ -324,7 +324,10 @@ def _train(config, workdir: epath.Path, log) -> TrainResult:
   state = exp.state
   try:
     restored = checkpoints.restore_latest(
-        manager, experiment.abstract_state(state, exp.state_shardings), log
+        manager,
+        experiment.abstract_state(state, exp.state_shardings),
+        log,
+        alternatives=experiment.other_state_layouts(config, exp.mesh, state),
     )
   except BaseException:
     manager.close()

@@ -205,3 +205,26 @@ def test_spec_concatenates_norms_only_for_a_replicated_student(
   mesh = experiment.create_mesh(config)
   spec = experiment.create_spec(config, mesh, (None, None, None))
   assert spec.concatenated_norms is concatenated
+
+
+@pytest.mark.parametrize(
+    "student_sharding,platform,raveled",
+    [
+        ("replicated", "cpu", True),
+        ("sharded", "cpu", False),
+        ("replicated", "tpu", False),
+        ("replicated", "gpu", False),
+    ],
+)
+def test_adam_raveled_only_for_a_replicated_student_on_cpu(
+    student_sharding, platform, raveled
+):
+  config = test_train.demo.get_config()
+  config.mesh.student_sharding = student_sharding
+  assert experiment.ravel_optimizer(config, platform) is raveled
+  tx, _ = experiment.create_optimizer(config, ravel=raveled)
+  params = {"a": jnp.ones((2, 3)), "b": jnp.ones((4,))}
+  moments = [x for x in jax.tree.leaves(tx.init(params)) if x.ndim]
+  assert [m.shape for m in moments] == (
+      [(10,), (10,)] if raveled else [(2, 3), (4,), (2, 3), (4,)]
+  )

@@ -3,7 +3,8 @@
 Each test fails on a trainer without the guarantee (see docs/reliability.md,
 "Training runs and checkpoints"): settings that cannot train, config-file
 mistakes, a second trainer on one workdir, stale locks, damaged
-checkpoints, config changes on resume, duplicate metrics after a resume,
+checkpoints, config changes on resume, checkpoints of the other optimiser
+layout, duplicate metrics after a resume,
 stale temporaries, and a static-sampler resume that re-reads the set.
 """
 
@@ -17,11 +18,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
 from synthdistill_jax import checkpoints
 from synthdistill_jax import errors
+from synthdistill_jax import experiment
 from synthdistill_jax import metrics_io
 from synthdistill_jax import train
 from synthdistill_jax import validation
@@ -451,3 +454,106 @@ def test_static_sampler_resume_seeks_without_reading(tmp_path, monkeypatch):
   assert len(reads) == 4  # Only the batches used, none of the 14 skipped.
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _adam_states(ravel: bool, steps: int):
+  """Params and Adam's state after `steps` updates on fixed gradients."""
+  tx = optax.adam(1e-2)
+  if ravel:
+    tx = optax.flatten(tx)
+  params = {"w": jnp.ones((4, 3)), "b": jnp.zeros((3,)), "s": jnp.ones(())}
+  opt_state = tx.init(params)
+  for i in range(steps):
+    grads = jax.tree.map(lambda x, i=i: jnp.full_like(x, 0.5 - i) * x, params)
+    grads["b"] = grads["b"] + jnp.arange(3.0)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+  return {"params": params, "opt_state": opt_state}
+
+
+def _abstract(tree):
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(
+          x.shape,
+          x.dtype,
+          sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]),
+      ),
+      tree,
+  )
+
+
+def _assert_same(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_regroup_converts_optimiser_states_both_ways():
+  per_leaf = _adam_states(False, 3)
+  raveled = checkpoints.regroup(per_leaf, _abstract(_adam_states(True, 0)))
+  mu = per_leaf["opt_state"][0].mu
+  # One vector of 4*3+3+1 in tree order, the parameters as they were.
+  np.testing.assert_array_equal(
+      raveled["opt_state"][0].mu,
+      np.concatenate([np.ravel(x) for x in jax.tree.leaves(mu)]),
+  )
+  _assert_same(raveled["params"], per_leaf["params"])
+  _assert_same(checkpoints.regroup(raveled, _abstract(per_leaf)), per_leaf)
+  other = dict(raveled, params={"w": jnp.ones((5, 3)), "b": jnp.zeros((3,))})
+  with pytest.raises(ValueError, match="cannot be regrouped"):
+    checkpoints.regroup(per_leaf, _abstract(other))
+
+
+def test_checkpoint_of_the_other_optimiser_layout_resumes_converted(tmp_path):
+  # A run checkpointed with per-parameter Adam state (earlier versions, or
+  # a sharded student) resumes with the raveled one, and back.
+  for saved, wanted in ((False, True), (True, False)):
+    directory = tmp_path / f"from-{saved}"
+    manager = _manager(directory)
+    manager.save(3, args=ocp.args.StandardSave(_adam_states(saved, 3)))
+    manager.wait_until_finished()
+    manager.close()
+    target = _abstract(_adam_states(wanted, 0))
+    messages = []
+    manager = _manager(directory)
+    with pytest.raises(errors.ConfigError, match="other shapes"):
+      checkpoints.restore_latest(manager, target, messages.append)
+    restored = checkpoints.restore_latest(
+        manager,
+        target,
+        messages.append,
+        alternatives=[_abstract(_adam_states(saved, 0))],
+    )
+    manager.close()
+    _assert_same(restored, checkpoints.regroup(_adam_states(saved, 3), target))
+    assert len(messages) == 1 and "converted" in messages[0]
+    assert sorted(p.name for p in directory.iterdir()) == ["3"]
+
+
+@pytest.mark.slow
+def test_run_resumes_across_optimiser_layouts(tmp_path, capsys):
+  # Checkpoints of a sharded student (per-parameter Adam state, as every
+  # run before the raveled state) resume under a replicated one: converted,
+  # never set aside nor refused.
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(
+      tiny.tiny_config(**{"mesh.student_sharding": "sharded"}), str(workdir)
+  )
+  result = train.train_and_evaluate(
+      tiny.tiny_config(**{"schedule.epochs": 2}), str(workdir)
+  )
+  assert int(result.state.step) == 6
+  assert "converted" in capsys.readouterr().out
+  # Adam's moments as one vector each, as a fresh replicated CPU run has.
+  tx, _ = experiment.create_optimizer(tiny.tiny_config(), ravel=True)
+  raveled = jax.eval_shape(tx.init, result.state.params)
+  assert jax.tree.structure(result.state.opt_state) == jax.tree.structure(
+      raveled
+  )
+  for a, b in zip(
+      jax.tree.leaves(result.state.opt_state), jax.tree.leaves(raveled)
+  ):
+    assert a.shape == b.shape
+  assert not (workdir / "checkpoints.corrupt").exists()
+  steps = [r["step"] for r in metrics_io.read_metrics(workdir, "train")]
+  assert steps == list(range(1, 7))
