@@ -4,8 +4,8 @@ Each test fails on a trainer without the guarantee (see docs/reliability.md,
 "Training runs and checkpoints"): settings that cannot train, config-file
 mistakes, a second trainer on one workdir, stale locks, damaged
 checkpoints, config changes on resume, checkpoints of the other optimiser
-layout, duplicate metrics after a resume,
-stale temporaries, and a static-sampler resume that re-reads the set.
+layout, duplicate metrics after a resume, stale temporaries, and a
+static-sampler resume that re-reads the set.
 """
 
 import json
