@@ -217,7 +217,7 @@ def ravel_optimizer(config, platform: str) -> bool:
   """Whether Adam runs on one raveled vector (`optax.flatten`).
 
   Leaf by leaf, XLA:CPU compiles a few kernels per parameter leaf
-  (TinyFaR-A: 250 leaves) for Adam's moments: raveled, one each. Only for a
+  (TinyFaR-A: 252 leaves) for Adam's moments: raveled, one each. Only for a
   replicated student (raveling sharded leaves would gather them) and on CPU
   (on TPU and GPU raveling may cost relayout copies; not measured there).
   A checkpoint of either layout resumes under the other
