@@ -249,34 +249,54 @@ def _depthwise_kernel_grad(xp, dyp, lo, out_hw, k, stride):
   `dy` is read from `dyp` (`dy` at `[lo::stride, lo::stride]`), which the
   input gradient keeps in memory anyway: sliced from `dy` itself, each
   tap's loop inlined the BN backward that produces it, once per row.
+
+  The kernel rows `i` are a `fori_loop` whose body holds the `k` taps of one
+  row: a tap's loop with a constant offset is its own compiled kernel, so
+  unrolled rows made `k*k` kernels per layer shape (about 200 of the
+  student step's 1,050), a loop at a run-time row makes `k`. TinyFaR-A's
+  student step compiles about 10 s faster on 2 AVX2 cores, at the same step
+  time (`docs/performance.md`, 2026-12-03).
   """
   out_h, out_w = out_hw
   rows = max(d for d in range(1, 9) if out_h % d == 0)
   groups = out_h // rows
   acc = jnp.promote_types(dyp.dtype, jnp.float32)
-  parts = []
-  for i in range(k):
+  n, _, _, c = xp.shape
+  # Every tap reads a window of this size from `xp` at offset (i, j).
+  window = (n, stride * (out_h - 1) + 1, stride * (out_w - 1) + 1, c)
+  dys = [
+      jax.lax.convert_element_type(
+          _strided(
+              dyp,
+              (lo + q * stride, lo),
+              (stride * rows, stride),
+              (groups, out_w),
+          ),
+          acc,
+      )
+      for q in range(rows)
+  ]
+
+  def kernel_row(i, stacked):
+    parts = []
     for j in range(k):
+      x_ij = jax.lax.dynamic_slice(xp, (0, i, j, 0), window)
       part = None
-      for q in range(rows):
+      for q, d in enumerate(dys):
         tap = _strided(
-            xp, (i + q * stride, j), (stride * rows, stride), (groups, out_w)
+            x_ij, (q * stride, 0), (stride * rows, stride), (groups, out_w)
         )
-        d = _strided(
-            dyp,
-            (lo + q * stride, lo),
-            (stride * rows, stride),
-            (groups, out_w),
-        )
-        # `lax` ops: k*k*rows of them per layer, see `weighted_window_sum`.
-        prod = jax.lax.mul(
-            jax.lax.convert_element_type(tap, acc),
-            jax.lax.convert_element_type(d, acc),
-        )
+        # `lax` ops: k*rows of them per row, see `weighted_window_sum`.
+        prod = jax.lax.mul(jax.lax.convert_element_type(tap, acc), d)
         part = prod if q == 0 else jax.lax.add(part, prod)
       parts.append(part)
-  c = xp.shape[3]
-  return jnp.sum(jnp.stack(parts, axis=3), axis=(0, 1, 2)).reshape(k, k, 1, c)
+    row = jnp.stack(parts, axis=3)[None]
+    return jax.lax.dynamic_update_slice(stacked, row, (i, 0, 0, 0, 0, 0))
+
+  stacked = jax.lax.fori_loop(
+      0, k, kernel_row, jnp.zeros((k, n, groups, out_w, k, c), acc)
+  )
+  return jnp.sum(stacked, axis=(1, 2, 3)).reshape(k, k, 1, c)
 
 
 def _depthwise_bwd(stride, residuals, dy):
