@@ -253,7 +253,7 @@ def _depthwise_kernel_grad(xp, dyp, lo, out_hw, k, stride):
   The kernel rows `i` are a `fori_loop` whose body holds the `k` taps of one
   row: a tap's loop with a constant offset is its own compiled kernel, so
   unrolled rows made `k*k` kernels per layer shape (about 200 of the
-  student step's 1,050), a loop at a run-time row makes `k`. TinyFaR-A's
+  student step's 1,048), a loop at a run-time row makes `k`. TinyFaR-A's
   student step compiles about 10 s faster on 2 AVX2 cores, at the same step
   time (`docs/performance.md`, 2026-12-03).
   """
