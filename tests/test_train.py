@@ -204,3 +204,36 @@ def test_no_recompilation_after_the_first_iteration(tmp_path, caplog):
     expected = (0, 1) if name == "finish_iteration" else (1,)
     assert compiled.count(f"jit({name})") in expected, (name, compiled)
   assert "jit(iteration)" not in compiled, compiled
+
+
+def test_metric_writer_does_not_import_torch(tmp_path):
+  """tensorboardX's optional torch/GCS/S3 imports are skipped (5.6 s here).
+
+  In a fresh interpreter, as the trainer starts: scalars still reach the
+  event file, torch is not loaded by the writer, and a later `import torch`
+  (the converters) still gets the real module.
+  """
+  pytest.importorskip("torch")
+  code = f"""
+import pathlib, sys
+from synthdistill_jax import metrics_io
+w = metrics_io.MetricWriter({str(tmp_path)!r}, enabled=True)
+w.write(1, "train", {{"loss": 0.5}})
+w.close()
+hidden = [m for m in metrics_io.TENSORBOARDX_SKIPPED_IMPORTS if m in sys.modules]
+assert not hidden, hidden
+assert "tensorboardX" in sys.modules
+import torch
+assert torch.zeros(2).sum().item() == 0.0
+events = list(pathlib.Path({str(tmp_path / "tb")!r}).glob("events.out.*"))
+assert len(events) == 1 and b"train/loss" in events[0].read_bytes(), events
+print("ok")
+"""
+  result = subprocess.run(
+      [sys.executable, "-c", code],
+      capture_output=True,
+      text=True,
+      check=False,
+      cwd=ROOT,
+  )
+  assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
