@@ -140,3 +140,33 @@ def test_report_after_a_tiny_run(tmp_path, monkeypatch):
   assert f"| held-out r2 (last) | {r2:.4g} |" in text
   with Image.open(workdir / "curves.png") as png:
     assert png.format == "PNG" and png.size == (1260, 680)
+
+
+def test_unchanged_curves_are_not_drawn_again(tmp_path, monkeypatch):
+  config = demo.get_config("tiny")
+  jsonl = tmp_path / "metrics.jsonl"
+  record = {"step": 1, "split": "train", "loss": 1.0, "images_per_sec": 5.0}
+  jsonl.write_text(json.dumps(record) + "\n")
+  draws = []
+  plot = report.plot_curves
+  monkeypatch.setattr(
+      report, "plot_curves", lambda *a: draws.append(a) or plot(*a)
+  )
+  first = report.write_run_report(tmp_path, config, {"step": 1})
+  # Same metrics (the final report after the last epoch's): report.md is
+  # rewritten, the figure is not drawn again.
+  again = report.write_run_report(tmp_path, config, {"step": 3})
+  assert len(draws) == 1 and again == first
+  assert "| iteration | 3 of 3" in (tmp_path / "report.md").read_text()
+  # A new record, another steps_per_epoch, or a deleted PNG: drawn again.
+  record["step"] = 2
+  with jsonl.open("a") as f:
+    f.write(json.dumps(record) + "\n")
+  plotted = report.write_run_report(tmp_path, config, {"step": 2})
+  assert len(draws) == 2
+  np.testing.assert_array_equal(plotted["train/loss"][0], [1, 2])
+  config.schedule.steps_per_epoch = 5
+  report.write_run_report(tmp_path, config)
+  (tmp_path / "curves.png").unlink()
+  report.write_run_report(tmp_path, config)
+  assert len(draws) == 4 and (tmp_path / "curves.png").exists()
