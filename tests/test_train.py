@@ -220,7 +220,8 @@ from synthdistill_jax import metrics_io
 w = metrics_io.MetricWriter({str(tmp_path)!r}, enabled=True)
 w.write(1, "train", {{"loss": 0.5}})
 w.close()
-hidden = [m for m in metrics_io.TENSORBOARDX_SKIPPED_IMPORTS if m in sys.modules]
+names = metrics_io.TENSORBOARDX_SKIPPED_IMPORTS
+hidden = [m for m in names if m in sys.modules]
 assert not hidden, hidden
 assert "tensorboardX" in sys.modules
 import torch
