@@ -17,6 +17,7 @@ import pytest
 from synthdistill_jax import models
 from synthdistill_jax.convert import face
 from synthdistill_jax.models import iresnet
+from synthdistill_jax.models import layers
 from tests import golden
 
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -295,6 +296,30 @@ def test_train_mode_updates_running_stats_and_bfloat16_trunk(small_teacher):
   assert not np.array_equal(ref, bf16)
   kernel = variables["params"]["layer1_0"]["conv1"]["kernel"]
   assert kernel.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("shape", [(4, 5, 7, 3), (6, 8), (2, 1, 1, 4)])
+def test_batch_norm_gradient_equals_autodiff(shape):
+  """The written-out train-mode gradient against autodiff of the formula."""
+
+  def reference(x, scale, bias):
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axis=axes)
+    var = jnp.mean(jnp.square(x - mean), axis=axes)
+    return (x - mean) / jnp.sqrt(var + 1e-5) * scale + bias
+
+  rng = np.random.default_rng(len(shape))
+  x = jnp.asarray(rng.normal(2.0, 3.0, shape), jnp.float32)
+  scale = jnp.asarray(rng.normal(1.0, 0.5, shape[-1:]), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=shape[-1:]), jnp.float32)
+  dy = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  got_y, got_vjp = jax.vjp(
+      lambda *a: layers.normalize_batch(*a, 1e-5), x, scale, bias
+  )
+  want_y, want_vjp = jax.vjp(reference, x, scale, bias)
+  np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
+  for got, want in zip(got_vjp(dy), want_vjp(dy)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_create_rejects_bad_arguments():

@@ -19,6 +19,56 @@ from synthdistill_jax import errors
 Dtype = Any
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def normalize_batch(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
+) -> jax.Array:
+  """`(x - mean) / sqrt(var + epsilon) * scale + bias` with batch statistics.
+
+  The statistics are over every axis but the last (biased variance, as
+  PyTorch normalises in train mode). The gradient is written out: the two
+  per-channel sums `sum(dy)` and `sum(dy * x_hat)` and one elementwise pass
+  for `dx`, where autodiff of the mean and variance gives XLA more distinct
+  fusions to compile (TinyFaR-A's step: 1,878 -> 1,646; docs/performance.md).
+
+  Args:
+    x: `[..., C]` float32.
+    scale: `[C]`.
+    bias: `[C]`.
+    epsilon: added to the variance.
+
+  Returns:
+    An array like `x`.
+  """
+  return _normalize_batch_fwd(x, scale, bias, epsilon)[0]
+
+
+def _normalize_batch_fwd(x, scale, bias, epsilon):
+  axes = tuple(range(x.ndim - 1))
+  mean = jnp.mean(x, axis=axes)
+  var = jnp.mean(jnp.square(x - mean), axis=axes)
+  inv_std = jax.lax.rsqrt(var + epsilon)
+  mul = inv_std * scale
+  return x * mul + (bias - mean * mul), (x, mean, inv_std, scale)
+
+
+def _normalize_batch_bwd(epsilon, residuals, dy):
+  del epsilon  # In `inv_std` already.
+  x, mean, inv_std, scale = residuals
+  axes = tuple(range(x.ndim - 1))
+  count = x.size // x.shape[-1]
+  x_hat = (x - mean) * inv_std
+  d_bias = jnp.sum(dy, axis=axes)
+  d_scale = jnp.sum(dy * x_hat, axis=axes)
+  # The batch mean and variance depend on every x: their part of dx is the
+  # mean of dy and of dy * x_hat taken back out.
+  dx = (scale * inv_std) * (dy - (d_bias + x_hat * d_scale) / count)
+  return dx, d_scale, d_bias
+
+
+normalize_batch.defvjp(_normalize_batch_fwd, _normalize_batch_bwd)
+
+
 class BatchNorm(nn.Module):
   """BatchNorm over the last axis with PyTorch's train/eval semantics.
 
@@ -52,27 +102,38 @@ class BatchNorm(nn.Module):
         "batch_stats", "var", lambda: jnp.ones((features,), jnp.float32)
     )
     x32 = x.astype(jnp.float32)
+    scale = bias = None
+    if self.use_scale:
+      scale = self.param("scale", nn.initializers.ones, (features,))
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (features,))
     if train:
-      axes = tuple(range(x.ndim - 1))
-      mean = jnp.mean(x32, axis=axes)
-      var = jnp.mean(jnp.square(x32 - mean), axis=axes)
       if not self.is_initializing():
-        n = 1
-        for a in axes:
-          n *= x.shape[a]
+        # The running statistics carry no gradient; XLA computes these sums
+        # once with `normalize_batch`'s own.
+        axes = tuple(range(x.ndim - 1))
+        stats = jax.lax.stop_gradient(x32)
+        mean = jnp.mean(stats, axis=axes)
+        var = jnp.mean(jnp.square(stats - mean), axis=axes)
+        n = x32.size // features
         unbiased = var * (n / max(n - 1, 1))
         m = self.momentum
         ra_mean.value = (1.0 - m) * ra_mean.value + m * mean
         ra_var.value = (1.0 - m) * ra_var.value + m * unbiased
-    else:
-      mean, var = ra_mean.value, ra_var.value
+      y = normalize_batch(
+          x32,
+          jnp.ones((features,), jnp.float32) if scale is None else scale,
+          jnp.zeros((features,), jnp.float32) if bias is None else bias,
+          self.epsilon,
+      )
+      return y.astype(self.dtype)
     # Fold the normalisation into one multiply-add per element.
-    mul = jax.lax.rsqrt(var + self.epsilon)
-    if self.use_scale:
-      mul = mul * self.param("scale", nn.initializers.ones, (features,))
-    add = -mean * mul
-    if self.use_bias:
-      add = add + self.param("bias", nn.initializers.zeros, (features,))
+    mul = jax.lax.rsqrt(ra_var.value + self.epsilon)
+    if scale is not None:
+      mul = mul * scale
+    add = -ra_mean.value * mul
+    if bias is not None:
+      add = add + bias
     return (x32 * mul + add).astype(self.dtype)
 
 
