@@ -30,6 +30,8 @@ def normalize_batch(
   per-channel sums `sum(dy)` and `sum(dy * x_hat)` and one elementwise pass
   for `dx`, where autodiff of the mean and variance gives XLA more distinct
   fusions to compile (TinyFaR-A's step: 1,878 -> 1,646; docs/performance.md).
+  As a `jax.custom_vjp` it has reverse-mode derivatives only: forward mode
+  (`jax.jvp`) through a network in train mode is not supported.
 
   Args:
     x: `[..., C]` float32.
