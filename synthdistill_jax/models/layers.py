@@ -45,10 +45,15 @@ def normalize_batch(
   return _normalize_batch_fwd(x, scale, bias, epsilon)[0]
 
 
-def _normalize_batch_fwd(x, scale, bias, epsilon):
+def batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-channel mean and biased variance over every axis but the last."""
   axes = tuple(range(x.ndim - 1))
   mean = jnp.mean(x, axis=axes)
-  var = jnp.mean(jnp.square(x - mean), axis=axes)
+  return mean, jnp.mean(jnp.square(x - mean), axis=axes)
+
+
+def _normalize_batch_fwd(x, scale, bias, epsilon):
+  mean, var = batch_moments(x)
   inv_std = jax.lax.rsqrt(var + epsilon)
   mul = inv_std * scale
   return x * mul + (bias - mean * mul), (x, mean, inv_std, scale)
@@ -113,10 +118,7 @@ class BatchNorm(nn.Module):
       if not self.is_initializing():
         # The running statistics carry no gradient; XLA computes these sums
         # once with `normalize_batch`'s own.
-        axes = tuple(range(x.ndim - 1))
-        stats = jax.lax.stop_gradient(x32)
-        mean = jnp.mean(stats, axis=axes)
-        var = jnp.mean(jnp.square(stats - mean), axis=axes)
+        mean, var = batch_moments(jax.lax.stop_gradient(x32))
         n = x32.size // features
         unbiased = var * (n / max(n - 1, 1))
         m = self.momentum
