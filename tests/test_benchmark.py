@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from synthdistill_jax import hostmem
 from synthdistill_jax.benchmark import report
 from synthdistill_jax.benchmark import timing
 
@@ -168,3 +169,14 @@ def test_cli_on_the_demo_config_writes_table_and_json(tmp_path):
     assert name in result.stdout  # The table row.
   assert "MFU" in result.stdout and "peak memory" in result.stdout
   assert run["peak_memory"]["peak_bytes"] > 0
+  # The CLI restarts itself with huge pages where that helps (`hostmem`).
+  restart = hostmem.tunables_with_huge_pages(
+      env, sys.platform, hostmem.read_glibc_version(), hostmem.read_thp_mode()
+  )
+  assert run["host_memory"] == {
+      "thp_mode": hostmem.read_thp_mode(),
+      "glibc_hugetlb": hostmem.read_tunable(
+          restart or env.get("GLIBC_TUNABLES", "")
+      ),
+  }
+  assert "huge pages: glibc.malloc.hugetlb=" in result.stdout

@@ -4,6 +4,8 @@ import pathlib
 import platform
 from typing import Any
 
+from synthdistill_jax import hostmem
+
 
 def format_table(result: dict[str, Any]) -> str:
   """Renders one benchmark result as a fixed-width text table."""
@@ -45,9 +47,17 @@ def format_table(result: dict[str, Any]) -> str:
         f"{t['mfu']:>7.1%}{ds:>8}{t['compile_s']:>10.1f}{temp:>9.0f}"
     )
   memory = result["peak_memory"]
+  # Results written before huge pages were recorded have no `host_memory`.
+  host = result.get("host_memory")
+  pages = (
+      f"; huge pages: {hostmem.TUNABLE}={host['glibc_hugetlb'] or 'unset'},"
+      f" THP {host['thp_mode'] or 'unknown'}"
+      if host
+      else ""
+  )
   lines.append(
       f"peak memory {memory['peak_bytes'] / 2**30:.2f} GiB"
-      f" ({memory['source']})"
+      f" ({memory['source']}){pages}"
   )
   return "\n".join(lines)
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from synthdistill_jax import distill
 from synthdistill_jax import experiment
 from synthdistill_jax import faces
+from synthdistill_jax import hostmem
 from synthdistill_jax import programs
 from synthdistill_jax import progress
 from synthdistill_jax import sharding
@@ -193,6 +194,7 @@ def run_benchmark(
       "setup_s": setup_s,
       "stages": results,
       "peak_memory": timing.read_peak_memory(),
+      "host_memory": hostmem.describe(),
   }
 
 
