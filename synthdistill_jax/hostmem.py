@@ -4,7 +4,7 @@ XLA:CPU allocates each program's temporary buffer (hundreds of MiB for the
 paper config's student step) with `malloc` on every call; glibc serves
 sizes this large with a fresh `mmap` and unmaps them on `free`, so every
 call faults every 4 KiB page in again: about 85,000 page faults and 0.2 s
-of kernel time per TinyFaR-A step on 2 cores, a third of its CPU time.
+of kernel time per TinyFaR-A step on 2 cores, two fifths of its CPU time.
 With glibc's `glibc.malloc.hugetlb=1` tunable, glibc asks for transparent
 huge pages on those mappings (`madvise(MADV_HUGEPAGE)`): 2 MiB pages, 650
 faults a step (`docs/performance.md`, 2026-12-03 night).
@@ -31,7 +31,7 @@ MIN_GLIBC = (2, 35)
 def read_thp_mode(path: str = THP_PATH) -> str | None:
   """The kernel's THP mode (`always`, `madvise`, `never`), None if unknown."""
   try:
-    with open(path, encoding="ascii") as f:
+    with open(path, encoding="ascii", errors="replace") as f:
       text = f.read()
   except OSError:
     return None
@@ -105,13 +105,15 @@ def reexec_with_huge_pages() -> None:
   tunables = tunables_with_huge_pages(
       dict(os.environ), sys.platform, read_glibc_version(), read_thp_mode()
   )
-  if tunables is None or not sys.executable:
+  # `orig_argv` holds the interpreter's own options too (`-m`, `-X`, ...).
+  argv = getattr(sys, "orig_argv", None)
+  if tunables is None or not sys.executable or not argv:
     return
   env = dict(os.environ, GLIBC_TUNABLES=tunables)
   sys.stdout.flush()
   sys.stderr.flush()
   try:
-    os.execve(sys.executable, sys.orig_argv, env)
+    os.execve(sys.executable, argv, env)
   except OSError:
     # The run goes on without huge pages, as it would have before.
     return
