@@ -14,6 +14,14 @@ prints the cosine between embeddings of different faces.
 
 import sys
 
+from synthdistill_jax import hostmem
+
+# Before the heavy imports below, as `synthdistill_jax.main` does: the
+# generator and teacher run on CPU here too.
+if __name__ == "__main__":
+  hostmem.reexec_with_huge_pages()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 import jax

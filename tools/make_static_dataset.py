@@ -13,6 +13,14 @@ stored image) and writes `{w, face, teacher}` as a TFDS dataset
 
 import sys
 
+from synthdistill_jax import hostmem
+
+# Before the heavy imports below, as `synthdistill_jax.main` does: the
+# generator and teacher run on CPU here too.
+if __name__ == "__main__":
+  hostmem.reexec_with_huge_pages()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from ml_collections import config_flags
