@@ -9,34 +9,23 @@ import pytest
 from synthdistill_jax import hostmem
 
 GLIBC = (2, 36)
+ON = "glibc.malloc.hugetlb=1"
 
 
 @pytest.mark.parametrize(
     "environ, platform, glibc, thp, expected",
     [
-        ({}, "linux", GLIBC, "madvise", "glibc.malloc.hugetlb=1"),
+        ({}, "linux", GLIBC, "madvise", ON),
         # Other tunables are kept.
         (
             {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},
             "linux",
             GLIBC,
             "madvise",
-            "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1",
+            f"glibc.malloc.arena_max=2:{ON}",
         ),
-        (
-            {"JAX_PLATFORMS": "cpu"},
-            "linux",
-            GLIBC,
-            "madvise",
-            "glibc.malloc" ".hugetlb=1",
-        ),
-        (
-            {"JAX_PLATFORMS": "cuda,cpu"},
-            "linux",
-            GLIBC,
-            "madvise",
-            "glibc" ".malloc.hugetlb=1",
-        ),
+        ({"JAX_PLATFORMS": "cpu"}, "linux", GLIBC, "madvise", ON),
+        ({"JAX_PLATFORMS": "cuda,cpu"}, "linux", GLIBC, "madvise", ON),
         # The user's own setting wins, also the opt-out.
         (
             {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"},
@@ -131,7 +120,7 @@ def test_restart_adds_the_tunable_once_and_keeps_the_arguments():
   else:
     # Restarted once, with the tunable.
     assert len(starts) == 2
-    assert tunables == expected == "glibc.malloc.hugetlb=1"
+    assert tunables == expected == ON
 
 
 def test_restart_respects_an_opt_out():
