@@ -86,6 +86,18 @@ def test_read_tunable():
   assert hostmem.read_tunable("") is None
 
 
+def run_child(code: str, env: dict[str, str], *args: str) -> str:
+  """Runs `code` in a fresh interpreter with `env`; returns its stdout."""
+  return subprocess.run(
+      [sys.executable, "-c", code, *args],
+      capture_output=True,
+      text=True,
+      check=True,
+      env=env,
+      timeout=60,
+  ).stdout
+
+
 def test_restart_adds_the_tunable_once_and_keeps_the_arguments():
   # The child prints its tunables, arguments and process id; a restart
   # loop would never end (the timeout fails the test).
@@ -98,15 +110,7 @@ def test_restart_adds_the_tunable_once_and_keeps_the_arguments():
   )
   env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
   env["JAX_PLATFORMS"] = "cpu"
-  result = subprocess.run(
-      [sys.executable, "-c", code, "--flag=1", "x"],
-      capture_output=True,
-      text=True,
-      check=True,
-      env=env,
-      timeout=60,
-  )
-  *starts, last = result.stdout.splitlines()
+  *starts, last = run_child(code, env, "--flag=1", "x").splitlines()
   tunables, pid, args = last.split(" ", 2)
   assert args == "['--flag=1', 'x']"
   # Same process id before and after: exec, not a child process.
@@ -132,12 +136,4 @@ def test_restart_respects_an_opt_out():
       "print(os.environ['GLIBC_TUNABLES'])"
   )
   env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.hugetlb=0")
-  result = subprocess.run(
-      [sys.executable, "-c", code],
-      capture_output=True,
-      text=True,
-      check=True,
-      env=env,
-      timeout=60,
-  )
-  assert result.stdout.split() == ["start", "glibc.malloc.hugetlb=0"]
+  assert run_child(code, env).split() == ["start", "glibc.malloc.hugetlb=0"]
