@@ -77,6 +77,10 @@ class DistillSpec:
     batch_sharding: sharding of batch-leading arrays (None: no constraint).
     concatenated_norms: compute the step's norm metrics over one
       concatenated vector (`global_norm`); only for a replicated student.
+    flat_tx: set when `tx` is `optax.flatten(flat_tx)`: `train_step` then
+      runs `flat_tx` on the raveled vector itself and adds each leaf's part
+      of the update at an offset the caller may pass as a program input
+      (`raveled_offsets`), with the same optimiser state and numbers.
   """
 
   generator: nn.Module | None
@@ -92,6 +96,7 @@ class DistillSpec:
   noise_mode: str = "random"
   batch_sharding: Any = None
   concatenated_norms: bool = False
+  flat_tx: optax.GradientTransformation | None = None
 
 
 def _constrain(spec: DistillSpec, x: jax.Array) -> jax.Array:
@@ -245,7 +250,12 @@ def global_norm(tree: Any, concatenate: bool) -> jax.Array:
 
 
 def train_step(
-    spec: DistillSpec, state: TrainState, x: jax.Array, t: jax.Array, k: int
+    spec: DistillSpec,
+    state: TrainState,
+    x: jax.Array,
+    t: jax.Array,
+    k: int,
+    offsets: tuple | None = None,
 ):
   """One optimiser update on faces `x` with teacher targets `t`.
 
@@ -255,6 +265,9 @@ def train_step(
     x: `[B, 112, 112, 3]` faces in [0, 1].
     t: `[B, D]` teacher embeddings.
     k: index of this update within the iteration (for the learning rate).
+    offsets: with `spec.flat_tx`, the parameter leaves' offsets in the
+      raveled vector as int32 scalars, one program input each
+      (`raveled_offsets`); None: the same offsets as constants.
 
   Returns:
     `(new_state, metrics, s)` with `s` the student output before the update.
@@ -268,14 +281,20 @@ def train_step(
   (loss, (s, stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params
   )
-  updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  if spec.flat_tx is None:
+    updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    update_norm = global_norm(updates, spec.concatenated_norms)
+  else:
+    params, opt_state, update_norm = _raveled_update(
+        spec.flat_tx, state, grads, offsets
+    )
   count = state.step * UPDATES_PER_ITERATION + k
   metrics = dict(
       parts,
       loss=loss,
       grad_norm=global_norm(grads, spec.concatenated_norms),
-      update_norm=global_norm(updates, spec.concatenated_norms),
+      update_norm=update_norm,
       param_norm=global_norm(params, spec.concatenated_norms),
       learning_rate=spec.schedule(count),
   )
@@ -283,6 +302,59 @@ def train_step(
       params=params, batch_stats=stats, opt_state=opt_state
   )
   return new_state, metrics, s
+
+
+def raveled_offsets(params: Any) -> tuple[int, ...]:
+  """Where each leaf of `params` starts in the raveled vector.
+
+  The order is `jax.tree.leaves` (that of `optax.flatten`, whose optimiser
+  state `train_step` keeps with `spec.flat_tx`).
+
+  Args:
+    params: arrays or `ShapeDtypeStruct`s.
+
+  Returns:
+    One offset per leaf.
+  """
+  offsets, start = [], 0
+  for leaf in jax.tree.leaves(params):
+    offsets.append(start)
+    start += leaf.size
+  return tuple(offsets)
+
+
+def _raveled_update(flat_tx, state: TrainState, grads, offsets):
+  """`optax.flatten(flat_tx)`'s update and `optax.apply_updates`, fused.
+
+  Unravelling the update slices it at one constant offset per leaf, and
+  XLA:CPU compiles each such slice-and-add as a kernel of its own (252 for
+  TinyFaR-A, about 2 s of the step's compile). With the offsets as program
+  inputs, equal-shaped leaves share one kernel (69 for TinyFaR-A). The
+  update's norm is taken on the raveled vector.
+
+  Returns:
+    `(params, opt_state, update_norm)`.
+  """
+
+  def ravel(tree):
+    return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
+
+  leaves, treedef = jax.tree.flatten(state.params)
+  # The raveled parameters are what `optax.flatten` passes; Adam ignores
+  # them and XLA drops the concatenation.
+  flat, opt_state = flat_tx.update(
+      ravel(grads), state.opt_state, ravel(state.params)
+  )
+  if offsets is None:
+    offsets = raveled_offsets(state.params)
+  new = [
+      (
+          p + jax.lax.dynamic_slice(flat, (o,), (p.size,)).reshape(p.shape)
+      ).astype(p.dtype)
+      for p, o in zip(leaves, offsets, strict=True)
+  ]
+  norm = jnp.sqrt(jnp.sum(jnp.square(flat.astype(jnp.float32))))
+  return jax.tree.unflatten(treedef, new), opt_state, norm
 
 
 def _merge_metrics(first: dict, second: dict) -> dict:

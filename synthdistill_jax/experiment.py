@@ -226,6 +226,21 @@ def ravel_optimizer(config, platform: str) -> bool:
   return platform == "cpu" and config.mesh.student_sharding == "replicated"
 
 
+def _adam(config):
+  """Adam with the paper's step decay, and the schedule."""
+  opt = config.optimizer
+  updates_per_epoch = (
+      config.schedule.steps_per_epoch * distill.UPDATES_PER_ITERATION
+  )
+  schedule = optax.exponential_decay(
+      init_value=opt.learning_rate,
+      transition_steps=max(1, opt.decay_every_epochs * updates_per_epoch),
+      decay_rate=opt.decay_factor,
+      staircase=True,
+  )
+  return optax.adam(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps), schedule
+
+
 def create_optimizer(config, ravel: bool = False):
   """Adam with the paper's step decay, counted in optimiser updates.
 
@@ -237,17 +252,7 @@ def create_optimizer(config, ravel: bool = False):
   Returns:
     `(tx, schedule)`.
   """
-  opt = config.optimizer
-  updates_per_epoch = (
-      config.schedule.steps_per_epoch * distill.UPDATES_PER_ITERATION
-  )
-  schedule = optax.exponential_decay(
-      init_value=opt.learning_rate,
-      transition_steps=max(1, opt.decay_every_epochs * updates_per_epoch),
-      decay_rate=opt.decay_factor,
-      staircase=True,
-  )
-  tx = optax.adam(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps)
+  tx, schedule = _adam(config)
   if ravel:
     tx = optax.flatten(tx)
   frozen_paths = set(models.registry.frozen_params(config.student.arch))
@@ -267,6 +272,20 @@ def create_optimizer(config, ravel: bool = False):
         {"trained": tx, "frozen": optax.set_to_zero()}, label
     )
   return tx, schedule
+
+
+def flat_transformation(config, ravel: bool):
+  """What `create_optimizer`'s `optax.flatten` wraps, for `train_step`.
+
+  `distill.train_step` runs it on the raveled vector itself
+  (`DistillSpec.flat_tx`) so that the update is added at run-time offsets;
+  None where the optimiser is not raveled or also freezes parameters
+  (`optax.multi_transform` around the raveled part: the step then uses the
+  optimiser as a whole).
+  """
+  if not ravel or models.registry.frozen_params(config.student.arch):
+    return None
+  return _adam(config)[0]
 
 
 def _with_shardings(tree, shardings):
@@ -353,7 +372,7 @@ def other_state_layouts(config, mesh, state) -> list:
 # The spec, the frozen inputs and the compiled programs.
 
 
-def create_spec(config, mesh, networks, tx=None, schedule=None):
+def create_spec(config, mesh, networks, tx=None, schedule=None, flat_tx=None):
   """The `distill.DistillSpec` of a config, sharded over `mesh`.
 
   Args:
@@ -362,6 +381,7 @@ def create_spec(config, mesh, networks, tx=None, schedule=None):
     networks: `(generator, teacher, student)`; any may be None.
     tx: the student's optax transformation (None when nothing is trained).
     schedule: its learning-rate schedule.
+    flat_tx: `flat_transformation` when `tx` is raveled.
 
   Returns:
     The spec.
@@ -381,6 +401,7 @@ def create_spec(config, mesh, networks, tx=None, schedule=None):
       noise_mode=config.generator.noise_mode,
       batch_sharding=sharding.batch_sharding(mesh),
       concatenated_norms=config.mesh.student_sharding == "replicated",
+      flat_tx=flat_tx,
   )
 
 
@@ -503,10 +524,16 @@ def create(
         config.generator, abstract, platform=platform
     )
     teacher = networks.build_teacher(config.teacher, abstract)
-  tx, schedule = create_optimizer(
-      config, ravel=ravel_optimizer(config, platform)
+  ravel = ravel_optimizer(config, platform)
+  tx, schedule = create_optimizer(config, ravel=ravel)
+  spec = create_spec(
+      config,
+      mesh,
+      (generator, teacher, student),
+      tx,
+      schedule,
+      flat_transformation(config, ravel),
   )
-  spec = create_spec(config, mesh, (generator, teacher, student), tx, schedule)
   gen_vars = teacher_vars = render = None
   rep = sharding.replicated(mesh)
   if generator is not None and abstract:

@@ -64,6 +64,31 @@ def use_split(mode: str, mesh: jax.sharding.Mesh, sampler: str) -> bool:
   return mode == "on" or mesh.devices.flat[0].platform == "cpu"
 
 
+def offset_inputs(spec: distill.DistillSpec, mesh, params) -> tuple | None:
+  """The `offsets` argument of `distill.train_step` as program inputs.
+
+  Replicated int32 scalars, one per parameter leaf, where the raveled
+  update is taken from (`distill.raveled_offsets`); None when the spec's
+  optimiser is not raveled (`DistillSpec.flat_tx`).
+
+  Args:
+    spec: the program spec.
+    mesh: the device mesh.
+    params: the student parameters (arrays or shapes).
+
+  Returns:
+    A tuple of arrays, or None.
+  """
+  if spec.flat_tx is None:
+    return None
+  rep = sharding.replicated(mesh)
+  # As `_updates`: no `device_put`, which would compare the hosts' values.
+  return tuple(
+      jax.make_array_from_callback((), rep, lambda _, o=o: np.int32(o))
+      for o in distill.raveled_offsets(params)
+  )
+
+
 class SplitIteration:
   """`distill.iteration` as separately compiled pieces (see the module doc).
 
@@ -110,7 +135,7 @@ class SplitIteration:
         "step": (
             jax.jit(
                 part(distill.train_step, spec),
-                in_shardings=(state_shardings, batch, batch, rep),
+                in_shardings=(state_shardings, batch, batch, rep, rep),
                 out_shardings=(state_shardings, rep, batch),
                 donate_argnums=0,
             ),
@@ -134,17 +159,22 @@ class SplitIteration:
             1,
         ),
     }
+    self._spec, self._mesh = spec, mesh
+    self._offsets = None
     self._compiled = None
 
   def _run(self, run: dict, state, gen_vars, teacher_vars):
     """The iteration with `run[name]` as the callable of each piece."""
     k0, k1 = self._updates
+    if self._offsets is None:
+      self._offsets = offset_inputs(self._spec, self._mesh, state.params)
+    offsets = self._offsets
     key, w = run["begin"](state, gen_vars)
     x, t = run["render"](gen_vars, teacher_vars, w, key, k0)
-    state, first, s = run["step"](state, x, t, k0)
+    state, first, s = run["step"](state, x, t, k0, offsets)
     w = run["next"](gen_vars, key, w, s, t)
     x, t = run["render"](gen_vars, teacher_vars, w, key, k1)
-    state, second, _ = run["step"](state, x, t, k1)
+    state, second, _ = run["step"](state, x, t, k1, offsets)
     return run["finish"](state, first, second)
 
   def _abstract_args(self, state, gen_vars, teacher_vars) -> dict:

@@ -228,3 +228,69 @@ def test_adam_raveled_only_for_a_replicated_student_on_cpu(
   assert [m.shape for m in moments] == (
       [(10,), (10,)] if raveled else [(2, 3), (4,), (2, 3), (4,)]
   )
+
+
+def test_raveled_update_at_offsets_equals_optax_flatten():
+  # `DistillSpec.flat_tx`: `train_step` runs Adam on the raveled vector
+  # itself and adds the update at offsets given as program inputs; the
+  # state, parameters and metrics are those of `optax.flatten(adam)` with
+  # `optax.apply_updates`, the update's norm taken on the raveled vector.
+  spec, state, gen_vars, t_vars = _spec()
+  tx = optax.flatten(optax.adam(1e-3))
+  spec = dataclasses.replace(spec, tx=tx, concatenated_norms=True)
+  state = state.replace(opt_state=tx.init(state.params))
+  fast = dataclasses.replace(spec, flat_tx=optax.adam(1e-3))
+  w = distill.sample_latents(spec, gen_vars, jax.random.PRNGKey(5))
+  x = distill.render_faces(spec, gen_vars, w, jax.random.PRNGKey(6))
+  t = distill.embed_teacher(spec, t_vars, x)
+  offsets = distill.raveled_offsets(state.params)
+  sizes = [leaf.size for leaf in jax.tree.leaves(state.params)]
+  assert offsets == tuple(np.cumsum([0] + sizes[:-1]))
+  runs = {
+      "optax": jax.jit(lambda st: distill.train_step(spec, st, x, t, 0)[:2]),
+      "constant": jax.jit(lambda st: distill.train_step(fast, st, x, t, 0)[:2]),
+      "inputs": functools.partial(
+          jax.jit(lambda st, o: distill.train_step(fast, st, x, t, 0, o)[:2]),
+          o=tuple(jnp.int32(o) for o in offsets),
+      ),
+  }
+  results = {}
+  for name, step in runs.items():
+    st = state
+    for _ in range(2):
+      st, metrics = step(st)
+    results[name] = jax.device_get((st, metrics))
+  want_state, want_metrics = results.pop("optax")
+  for got_state, got_metrics in results.values():
+    for a, b in zip(
+        jax.tree.leaves(got_state), jax.tree.leaves(want_state), strict=True
+    ):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert got_metrics.keys() == want_metrics.keys()
+    for name, value in want_metrics.items():
+      np.testing.assert_allclose(got_metrics[name], value, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "arch,ravel,expected",
+    [
+        ("tinyfar_a", True, True),
+        ("tinyfar_a", False, False),
+        ("iresnet18", True, False),
+    ],
+)
+def test_flat_transformation_only_without_frozen_parameters(
+    arch, ravel, expected
+):
+  config = test_train.demo.get_config()
+  config.student.arch = arch
+  flat = experiment.flat_transformation(config, ravel)
+  assert (flat is not None) is expected
+  if flat is not None:
+    # The same state as what `create_optimizer`'s `optax.flatten` wraps.
+    tx, _ = experiment.create_optimizer(config, ravel=True)
+    params = {"a": jnp.ones((2, 3)), "b": jnp.ones((4,))}
+    flat_params = jnp.ones((10,))
+    assert jax.tree.structure(tx.init(params)) == jax.tree.structure(
+        flat.init(flat_params)
+    )

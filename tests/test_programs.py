@@ -8,16 +8,29 @@ from synthdistill_jax import experiment
 from synthdistill_jax import programs
 from tests import tiny
 
+# A MobileFaceNet student trains every parameter, so its optimiser is
+# raveled on CPU and the split step takes the update's offsets as inputs
+# (`programs.offset_inputs`); the IResNet's frozen `features.scale` keeps
+# the whole optimiser in the step (`experiment.flat_transformation`).
+MOBILEFACENET = {
+    "student.arch": "mobilefacenet",
+    "student.kwargs": dict(blocks=(1, 1, 1, 1), scale=1, num_features=16),
+}
 
-@pytest.mark.parametrize("sampler", ["resample", "dynamic"])
-def test_split_iteration_equals_the_fused_program(sampler):
+
+@pytest.mark.parametrize(
+    "sampler,student",
+    [("resample", {}), ("dynamic", {}), ("resample", MOBILEFACENET)],
+)
+def test_split_iteration_equals_the_fused_program(sampler, student):
   results = {}
   for mode in ("on", "off"):
     config = tiny.tiny_config(
-        **{"mesh.split_iteration": mode, "sampler.kind": sampler}
+        **{"mesh.split_iteration": mode, "sampler.kind": sampler}, **student
     )
     exp = experiment.create(config, random_weights=True)
     assert isinstance(exp.iterate, programs.SplitIteration) == (mode == "on")
+    assert (exp.spec.flat_tx is not None) == bool(student)
     state, metrics = exp.iterate(
         exp.state, exp.gen_vars, exp.teacher_vars, None
     )

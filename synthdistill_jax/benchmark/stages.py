@@ -68,11 +68,12 @@ def build_stages(exp: experiment.Experiment, key: jax.Array) -> list:
         gen_vars, ws, noise_mode=spec.noise_mode, rngs=noise, method="synthesis"
     )
 
-  def update(state, x, t):
-    return distill.train_step(spec, state, x, t, 0)[:2]
+  def update(state, x, t, offsets):
+    return distill.train_step(spec, state, x, t, 0, offsets)[:2]
 
   embed = functools.partial(distill.embed_teacher, spec)
   state_sh = exp.state_shardings
+  offsets = programs.offset_inputs(spec, mesh, exp.state.params)
   gv, tv = exp.gen_vars, exp.teacher_vars
   # The frozen networks compiled as the trainer compiles them (on CPU
   # without YNNPACK fusions, `programs.SplitIteration`).
@@ -88,7 +89,7 @@ def build_stages(exp: experiment.Experiment, key: jax.Array) -> list:
       (
           upd,
           jax.jit(update, out_shardings=(state_sh, rep), donate_argnums=0),
-          lambda o: (exp.state, o[crop], o[teach]),
+          lambda o: (exp.state, o[crop], o[teach], offsets),
           n,
           True,
       ),
