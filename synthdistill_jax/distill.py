@@ -345,13 +345,17 @@ def _raveled_update(flat_tx, state: TrainState, grads, offsets):
   flat, opt_state = flat_tx.update(
       ravel(grads), state.opt_state, ravel(state.params)
   )
-  if offsets is None:
-    offsets = raveled_offsets(state.params)
+
+  def part(o, size):
+    if offsets is None:
+      return jax.lax.slice(flat, (o,), (o + size,))
+    return jax.lax.dynamic_slice(flat, (o,), (size,))
+
   new = [
-      (
-          p + jax.lax.dynamic_slice(flat, (o,), (p.size,)).reshape(p.shape)
-      ).astype(p.dtype)
-      for p, o in zip(leaves, offsets, strict=True)
+      (p + part(o, p.size).reshape(p.shape)).astype(p.dtype)
+      for p, o in zip(
+          leaves, offsets or raveled_offsets(state.params), strict=True
+      )
   ]
   norm = jnp.sqrt(jnp.sum(jnp.square(flat.astype(jnp.float32))))
   return jax.tree.unflatten(treedef, new), opt_state, norm

@@ -43,6 +43,8 @@ SPLIT_MODES_NOTE = (
 # that convolutions take XLA's own (Eigen) path.
 RENDER_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
+_INT32_MAX = np.iinfo(np.int32).max
+
 
 def use_split(mode: str, mesh: jax.sharding.Mesh, sampler: str) -> bool:
   """Whether the iteration runs as separate executables.
@@ -77,15 +79,19 @@ def offset_inputs(spec: distill.DistillSpec, mesh, params) -> tuple | None:
     params: the student parameters (arrays or shapes).
 
   Returns:
-    A tuple of arrays, or None.
+    A tuple of arrays, or None (then `train_step` uses constants).
   """
   if spec.flat_tx is None:
+    return None
+  offsets = distill.raveled_offsets(params)
+  if sum(leaf.size for leaf in jax.tree.leaves(params)) > _INT32_MAX:
+    # Beyond int32 (JAX's default index width): constant offsets instead.
     return None
   rep = sharding.replicated(mesh)
   # As `_updates`: no `device_put`, which would compare the hosts' values.
   return tuple(
       jax.make_array_from_callback((), rep, lambda _, o=o: np.int32(o))
-      for o in distill.raveled_offsets(params)
+      for o in offsets
   )
 
 

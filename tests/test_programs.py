@@ -1,9 +1,14 @@
 """The CPU split iteration equals the one-program iteration."""
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from synthdistill_jax import distill
 from synthdistill_jax import experiment
 from synthdistill_jax import programs
 from tests import tiny
@@ -73,3 +78,27 @@ def test_unknown_mode_is_one_config_error():
       match="mesh.split_iteration must be one of auto, on, off, got .yes.",
   ):
     experiment.create(config, random_weights=True)
+
+
+def test_offset_inputs_are_replicated_int32_scalars():
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  spec = distill.DistillSpec(
+      generator=None,
+      teacher=None,
+      student=None,
+      tx=optax.flatten(optax.adam(1e-3)),
+      schedule=None,
+      batch_size=1,
+      flat_tx=optax.adam(1e-3),
+  )
+  params = {"a": jnp.zeros((2, 3)), "b": {"c": jnp.zeros((4,))}}
+  offsets = programs.offset_inputs(spec, mesh, params)
+  assert [int(o) for o in offsets] == [0, 6]
+  assert all(o.dtype == jnp.int32 and o.shape == () for o in offsets)
+  assert all(o.sharding.is_fully_replicated for o in offsets)
+  # Without a raveled optimiser, or past int32 indices, no inputs: the
+  # step then slices the update at constant offsets.
+  per_leaf = dataclasses.replace(spec, flat_tx=None)
+  assert programs.offset_inputs(per_leaf, mesh, params) is None
+  huge = {"a": jax.ShapeDtypeStruct((2**31,), jnp.float32)}
+  assert programs.offset_inputs(spec, mesh, huge) is None
