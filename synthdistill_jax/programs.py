@@ -83,7 +83,6 @@ def offset_inputs(spec: distill.DistillSpec, mesh, params) -> tuple | None:
   """
   if spec.flat_tx is None:
     return None
-  offsets = distill.raveled_offsets(params)
   if sum(leaf.size for leaf in jax.tree.leaves(params)) > _INT32_MAX:
     # Beyond int32 (JAX's default index width): constant offsets instead.
     return None
@@ -91,7 +90,7 @@ def offset_inputs(spec: distill.DistillSpec, mesh, params) -> tuple | None:
   # As `_updates`: no `device_put`, which would compare the hosts' values.
   return tuple(
       jax.make_array_from_callback((), rep, lambda _, o=o: np.int32(o))
-      for o in offsets
+      for o in distill.raveled_offsets(params)
   )
 
 
