@@ -349,7 +349,11 @@ def _raveled_update(flat_tx, state: TrainState, grads, offsets):
   def part(o, size):
     if offsets is None:
       return jax.lax.slice(flat, (o,), (o + size,))
-    return jax.lax.dynamic_slice(flat, (o,), (size,))
+    # The offsets are never negative: without the wrap-around check, three
+    # traced equations less per leaf (756 for TinyFaR-A).
+    return jax.lax.dynamic_slice(
+        flat, (o,), (size,), allow_negative_indices=False
+    )
 
   new = [
       (p + part(o, p.size).reshape(p.shape)).astype(p.dtype)

@@ -2,6 +2,7 @@
 
 import flax.linen as nn
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -319,6 +320,36 @@ def test_depthwise_slices_equal_the_grouped_conv(kernel, stride, size):
   np.testing.assert_allclose(y, y_ref, atol=1e-5)
   for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
     np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_backward_reads_dy_once_and_flips_no_kernel():
+  """The shape of the hand-written VJP that keeps XLA:CPU's kernels few.
+
+  Every array computed outside the kernel gradient's loop and read inside
+  it is a loop input that XLA:CPU copies with a kernel of its own, and so
+  is a reversed kernel: the loop takes `dy` as one input (not one per row
+  of its 8-row groups here), and the flipped taps are read in reverse.
+  """
+  x = jnp.ones((2, 16, 16, 4))
+  kernel = jnp.ones((3, 3, 1, 4))
+  jaxpr = jax.make_jaxpr(
+      jax.grad(
+          lambda x, k: jnp.sum(tinynet.depthwise_by_slices(x, k, 1)), (0, 1)
+      )
+  )(x, kernel)
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      yield eqn
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        yield from walk(sub)
+
+  eqns = list(walk(jaxpr.jaxpr))
+  assert not [e for e in eqns if e.primitive.name == "rev"]
+  (loop,) = [e for e in eqns if e.primitive.name in ("scan", "while")]
+  shapes = [v.aval.shape for v in loop.invars]
+  # `dy` as one `[batch, groups, rows, width, C]` input, no row of it alone.
+  assert (2, 2, 8, 16, 4) in shapes and (2, 2, 16, 4) not in shapes, shapes
 
 
 def _count_convolutions(lowered) -> int:

@@ -186,18 +186,23 @@ def build_block_specs(
 DEPTHWISE_METHODS = ("slices", "conv")
 
 
-def _depthwise_valid(xp: jax.Array, kernel: jax.Array, stride: int):
-  """VALID depthwise correlation of padded `xp` by `kernel [k, k, C]`."""
+def _depthwise_valid(
+    xp: jax.Array, kernel: jax.Array, stride: int, flip: bool = False
+):
+  """VALID depthwise correlation of padded `xp` by `kernel [k, k, C]`.
+
+  With `flip`, by the kernel rotated 180 degrees (the input gradient's),
+  read tap by tap: a `lax.rev` of the kernel is a kernel of its own for
+  XLA:CPU to compile, per layer shape.
+  """
   k, c = kernel.shape[0], kernel.shape[-1]
-  # One reshape and `k*k` lax slices: `kernel[i, j]` would trace `jnp`
-  # indexing per tap.
-  taps = jax.lax.reshape(kernel, (k * k, c))
+  # The taps by one reshape and one split: `kernel[i, j]` would trace `jnp`
+  # indexing per tap, `lax.index_in_dim` a slice and a reshape.
+  taps = jax.lax.split(jax.lax.reshape(kernel, (k * k * c,)), (c,) * (k * k))
+  if flip:
+    taps = taps[::-1]
   return upfirdn2d.weighted_window_sum(
-      xp,
-      lambda i, j: jax.lax.index_in_dim(taps, i * k + j, keepdims=False),
-      k,
-      k,
-      (stride, stride),
+      xp, lambda i, j: taps[i * k + j], k, k, (stride, stride)
   )
 
 
@@ -264,23 +269,28 @@ def _depthwise_kernel_grad(xp, dyp, lo, out_hw, k, stride):
   n, _, _, c = xp.shape
   # Every tap reads a window of this size from `xp` at offset (i, j).
   window = (n, stride * (out_h - 1) + 1, stride * (out_w - 1) + 1, c)
-  dys = [
+  # `dy` once, its rows grouped `[groups, rows]`: the loop body takes row
+  # `q` of each group. Sliced from `dyp` per `q` instead, each slice was a
+  # copy of its own outside the loop, and a kernel for XLA:CPU to compile
+  # (up to 8 per layer shape, 76 in TinyFaR-A's step).
+  dy_rows = jax.lax.reshape(
       jax.lax.convert_element_type(
-          _strided(
-              dyp,
-              (lo + q * stride, lo),
-              (stride * rows, stride),
-              (groups, out_w),
-          ),
-          acc,
-      )
-      for q in range(rows)
-  ]
+          _strided(dyp, (lo, lo), (stride, stride), (out_h, out_w)), acc
+      ),
+      (n, groups, rows, out_w, c),
+  )
 
   def kernel_row(i, stacked):
+    # Sliced in the body: outside, each row would be a loop input.
+    dys = [
+        jax.lax.index_in_dim(dy_rows, q, axis=2, keepdims=False)
+        for q in range(rows)
+    ]
     parts = []
     for j in range(k):
-      x_ij = jax.lax.dynamic_slice(xp, (0, i, j, 0), window)
+      x_ij = jax.lax.dynamic_slice(
+          xp, (0, i, j, 0), window, allow_negative_indices=False
+      )
       part = None
       for q, d in enumerate(dys):
         tap = _strided(
@@ -291,7 +301,9 @@ def _depthwise_kernel_grad(xp, dyp, lo, out_hw, k, stride):
         part = prod if q == 0 else jax.lax.add(part, prod)
       parts.append(part)
     row = jnp.stack(parts, axis=3)[None]
-    return jax.lax.dynamic_update_slice(stacked, row, (i, 0, 0, 0, 0, 0))
+    return jax.lax.dynamic_update_slice(
+        stacked, row, (i, 0, 0, 0, 0, 0), allow_negative_indices=False
+    )
 
   stacked = jax.lax.fori_loop(
       0, k, kernel_row, jnp.zeros((k, n, groups, out_w, k, c), acc)
@@ -324,8 +336,7 @@ def _depthwise_bwd(stride, residuals, dy):
       zero,
       ((0, 0, 0), (lo, hi_h, stride - 1), (lo, hi_w, stride - 1), (0, 0, 0)),
   )
-  flipped = jax.lax.rev(kernel[:, :, 0], (0, 1))
-  dx = _depthwise_valid(dyp, flipped, 1)
+  dx = _depthwise_valid(dyp, kernel[:, :, 0], 1, flip=True)
   dkernel = _depthwise_kernel_grad(
       xp, dyp, lo, (out_h, out_w), k, stride
   ).astype(kernel.dtype)
