@@ -42,6 +42,13 @@ SPLIT_MODES_NOTE = (
 # XLA:CPU options of the render+teacher executable: no YNNPACK fusions, so
 # that convolutions take XLA's own (Eigen) path.
 RENDER_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# XLA:CPU options of the student step: LLVM's -O1 pipeline for its ~460
+# distinct elementwise kernels, whose speed is memory-bound either way
+# (TinyFaR-A, 2-core AVX2 host, four alternating pairs of processes:
+# compile 10.75 -> 9.65 s mean, 18.2 -> 15.9 CPU-s; step 241.8 vs 240.7 ms
+# median with both compiled in one process and called in turn; parameters
+# equal to 5e-10; docs/performance.md, 2026-12-07).
+STEP_CPU_OPTIONS = {"xla_backend_optimization_level": 1}
 
 _INT32_MAX = np.iinfo(np.int32).max
 
@@ -105,6 +112,8 @@ class SplitIteration:
     programs: name -> `(jitted, calls per iteration)`.
     render_options: the XLA options of the render+teacher piece (None:
       the backend's defaults).
+    step_options: the XLA options of the student step (None: the
+      backend's defaults).
   """
 
   def __init__(self, spec: distill.DistillSpec, mesh, state_shardings):
@@ -112,6 +121,7 @@ class SplitIteration:
     batch = sharding.batch_sharding(mesh)
     on_cpu = mesh.devices.flat[0].platform == "cpu"
     self.render_options = RENDER_CPU_OPTIONS if on_cpu else None
+    self.step_options = STEP_CPU_OPTIONS if on_cpu else None
     # Not `device_put`: with several processes it checks that every host
     # passes the same value, a CPU collective that gives up after 30 s while
     # the hosts are still apart (building the networks at different speeds).
@@ -207,7 +217,7 @@ class SplitIteration:
     """Lowers every piece for these arguments (arrays or shapes)."""
     del static_batches  # The split iteration renders its own faces.
     args = self._abstract_args(state, gen_vars, teacher_vars)
-    options = {"render": self.render_options}
+    options = {"render": self.render_options, "step": self.step_options}
     return LoweredSplit(
         {
             name: (
@@ -247,10 +257,10 @@ class _Lowered:
 
   def __init__(self, lowered, options: dict | None):
     self._lowered = lowered
-    self._options = options
+    self.options = options
 
   def compile(self):
-    return self._lowered.compile(self._options)
+    return self._lowered.compile(self.options)
 
   def as_text(self) -> str:
     return self._lowered.as_text()

@@ -11,6 +11,7 @@ import pytest
 from synthdistill_jax import distill
 from synthdistill_jax import experiment
 from synthdistill_jax import programs
+from synthdistill_jax.benchmark import stages as benchmark_stages
 from tests import tiny
 
 # A MobileFaceNet student trains every parameter, so its optimiser is
@@ -62,6 +63,26 @@ def test_split_iteration_equals_the_fused_program(sampler, student):
   lr = float(m_fused["learning_rate"])
   for a, b in zip(jax.tree.leaves(split.params), jax.tree.leaves(fused.params)):
     np.testing.assert_allclose(a, b, atol=4 * lr)
+
+
+def test_cpu_pieces_compile_with_their_options():
+  """The XLA options each CPU piece is compiled with, trainer and benchmark."""
+  exp = experiment.create(
+      tiny.tiny_config(**{"mesh.split_iteration": "on"}), random_weights=True
+  )
+  lowered = exp.iterate.lower(exp.state, exp.gen_vars, exp.teacher_vars)
+  options = {name: low.options for name, (low, _) in lowered.lowered.items()}
+  assert options == {
+      "begin": None,
+      "render": programs.RENDER_CPU_OPTIONS,
+      "step": programs.STEP_CPU_OPTIONS,
+      "next": None,
+      "finish": None,
+  }
+  stages = benchmark_stages.build_stages(exp, jax.random.PRNGKey(0))
+  by_name = {stage[0]: stage[1] for stage in stages}
+  assert by_name["student fwd+bwd+update"].options == programs.STEP_CPU_OPTIONS
+  assert by_name["teacher forward"].options == programs.RENDER_CPU_OPTIONS
 
 
 def test_auto_splits_on_cpu_only():

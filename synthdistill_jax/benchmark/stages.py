@@ -75,9 +75,11 @@ def build_stages(exp: experiment.Experiment, key: jax.Array) -> list:
   state_sh = exp.state_shardings
   offsets = programs.offset_inputs(spec, mesh, exp.state.params)
   gv, tv = exp.gen_vars, exp.teacher_vars
-  # The frozen networks compiled as the trainer compiles them (on CPU
-  # without YNNPACK fusions, `programs.SplitIteration`).
+  # Each stage compiled as the trainer compiles it (on CPU the frozen
+  # networks without YNNPACK fusions and the student step at -O1,
+  # `programs.SplitIteration`).
   options = getattr(exp.iterate, "render_options", None)
+  step_options = getattr(exp.iterate, "step_options", None)
 
   def frozen(fn, **kwargs):
     return programs.WithOptions(jax.jit(fn, **kwargs), options)
@@ -88,7 +90,10 @@ def build_stages(exp: experiment.Experiment, key: jax.Array) -> list:
       (teach, frozen(embed), lambda o: (tv, o[crop]), n),
       (
           upd,
-          jax.jit(update, out_shardings=(state_sh, rep), donate_argnums=0),
+          programs.WithOptions(
+              jax.jit(update, out_shardings=(state_sh, rep), donate_argnums=0),
+              step_options,
+          ),
           lambda o: (exp.state, o[crop], o[teach], offsets),
           n,
           True,
