@@ -17,6 +17,8 @@ Why on CPU:
   only do per executable.
 * The fused program holds the student step twice; split, each piece is
   compiled once, and the pieces compile in parallel threads.
+* The student step is compiled at LLVM's -O1 (`STEP_CPU_OPTIONS`): about
+  a tenth less compile for the same step time.
 
 On TPU and GPU the iteration stays one program (`split_iteration='auto'`):
 there XLA overlaps and fuses across the pieces and a dispatch per piece
