@@ -85,6 +85,92 @@ def test_time_stage_writes_a_profiler_trace(tmp_path):
   assert len(traces) == 1 and traces[0].stat().st_size > 0
 
 
+JAX_TPU_PIN = ['libtpu==0.0.42.*; extra == "tpu"', "jaxlib==0.10.2"]
+
+
+def test_find_profiler_conflict_compares_libtpu_with_jax_pin():
+  def conflict(version, platforms=""):
+    return timing.find_profiler_conflict(JAX_TPU_PIN, version, platforms)
+
+  message = conflict("0.0.52")
+  assert "libtpu 0.0.52" in message and "==0.0.42.*" in message
+  assert f"pip install 'jax[tpu]=={jax.__version__}'" in message
+  assert "\n" not in message
+  assert conflict("0.0.42.1") is None
+  assert conflict("0.0.52", platforms="tpu,cpu") is not None
+  # Platforms that name no TPU keep libtpu's plugin unloaded.
+  assert conflict("0.0.52", platforms="cpu") is None
+  assert conflict("0.0.52", platforms="cuda") is None
+  # No pin to compare with: nothing to say.
+  assert timing.find_profiler_conflict(["jaxlib==0.10.2"], "0.0.52", "") is None
+
+
+def _environment_without_platforms(**extra):
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  env.update(extra)
+  return env
+
+
+def test_profiler_trace_in_a_fresh_process_with_installed_plugins(tmp_path):
+  # As a user runs it: JAX_PLATFORMS unset (the test process sets it to cpu),
+  # so JAX loads every installed PJRT plugin, libtpu's included, and the
+  # profiler starts their tracers. A libtpu that jax's `tpu` extra does not
+  # pin crashed here (segmentation fault); now it is refused in one line.
+  script = (
+      "import jax, jax.numpy as jnp\n"
+      "from synthdistill_jax.benchmark import timing\n"
+      "stage = timing.Stage('toy', jax.jit(jnp.sin), (jnp.zeros(8),), 8)\n"
+      f"timing.time_stage(stage, 1, 1, profile_dir={str(tmp_path)!r})\n"
+  )
+  result = subprocess.run(
+      [sys.executable, "-c", script],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      check=False,
+      env=_environment_without_platforms(),
+  )
+  if timing.find_profiler_conflict(platforms="") is None:
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list(tmp_path.glob("**/*.xplane.pb"))
+  else:
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "ConfigError: profile_dir: libtpu" in result.stderr
+
+
+def test_cli_refuses_profile_dir_beside_a_libtpu_jax_does_not_pin(tmp_path):
+  # A distribution record of another libtpu version, first on the path: the
+  # check reads versions from the metadata, as pip leaves them.
+  info = tmp_path / "site" / "libtpu-0.0.1.dist-info"
+  info.mkdir(parents=True)
+  (info / "METADATA").write_text(
+      "Metadata-Version: 2.1\nName: libtpu\nVersion: 0.0.1\n"
+  )
+  output = tmp_path / "bench.json"
+  result = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "synthdistill_jax.benchmark",
+          "--config=configs/demo.py",
+          f"--profile_dir={tmp_path / 'profile'}",
+          f"--output={output}",
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      check=False,
+      env=_environment_without_platforms(PYTHONPATH=str(tmp_path / "site")),
+  )
+  assert result.returncode == 1, result.stderr[-3000:]
+  lines = result.stderr.strip().splitlines()
+  assert lines[-1].startswith(
+      "benchmark: error: --profile_dir: libtpu 0.0.1 is installed"
+  ), lines[-3:]
+  assert "Traceback" not in result.stderr
+  assert not output.exists() and not (tmp_path / "profile").exists()
+
+
 def test_measure_peak_reports_matmul_flops():
   peak = timing.measure_peak("float32", 128, warmup=1, iters=2)
   assert peak["flops_per_s"] > 0

@@ -25,6 +25,7 @@ from synthdistill_jax import experiment
 from synthdistill_jax import progress
 from synthdistill_jax.benchmark import report
 from synthdistill_jax.benchmark import stages
+from synthdistill_jax.benchmark import timing
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -75,6 +76,10 @@ def main(argv: list[str]) -> None:
     sys.exit(f"benchmark: error: unexpected arguments {argv[1:]}")
   if _CONFIG.value is None:
     sys.exit("benchmark: error: --config is required")
+  # Checked before any network is built: a mismatched libtpu would end the
+  # run in a segmentation fault at the first stage's profile.
+  if _PROFILE_DIR.value and (conflict := timing.find_profiler_conflict()):
+    sys.exit(f"benchmark: error: --profile_dir: {conflict}")
   configs = [_CONFIG.value]
   if _COMPARE.value is not None:
     configs.append(_COMPARE.value)

@@ -4,6 +4,8 @@ Also the datasheet peaks of known accelerators, for MFU against them.
 """
 
 import dataclasses
+import importlib.metadata
+import os
 import resource
 import statistics
 import sys
@@ -12,6 +14,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from packaging import requirements
+
+from synthdistill_jax import errors
 
 # Dense datasheet peaks per JAX device in TFLOP/s, by compute dtype. Matched
 # against `device.device_kind` (lower case, first match wins, so the more
@@ -125,6 +130,58 @@ def read_peak_memory() -> dict[str, Any]:
   return {"source": "process max RSS", "peak_bytes": int(rss)}
 
 
+def find_profiler_conflict(
+    jax_requires: list[str] | None = None,
+    libtpu_version: str | None = None,
+    platforms: str | None = None,
+) -> str | None:
+  """Why `jax.profiler` would crash this process, or None.
+
+  The profiler starts the tracer of every PJRT plugin that JAX loaded, and
+  libtpu's plugin is loaded on any host where it is installed, TPU or not.
+  A libtpu other than the one jax's `tpu` extra pins has another plugin ABI:
+  libtpu 0.0.52 under jaxlib 0.10.2 (which pins 0.0.42.*) logs "Unexpected
+  PLUGIN_Profiler_Api size" and the process dies of a segmentation fault.
+
+  Args:
+    jax_requires: jax's requirements (default: the installed jax's).
+    libtpu_version: the installed libtpu's version (default: looked up;
+      None when libtpu is not installed).
+    platforms: `$JAX_PLATFORMS` (default: the environment's); a list that
+      names no TPU keeps the plugin unloaded.
+
+  Returns:
+    A one-line message naming the fix, or None if nothing conflicts.
+  """
+  if libtpu_version is None:
+    try:
+      libtpu_version = importlib.metadata.version("libtpu")
+    except importlib.metadata.PackageNotFoundError:
+      return None
+  if platforms is None:
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+  if platforms.strip() and "tpu" not in platforms.lower():
+    return None
+  if jax_requires is None:
+    jax_requires = importlib.metadata.requires("jax") or []
+  for line in jax_requires:
+    req = requirements.Requirement(line)
+    if req.name != "libtpu" or req.marker is None:
+      continue
+    if not req.marker.evaluate({"extra": "tpu"}):
+      continue
+    if req.specifier.contains(libtpu_version, prereleases=True):
+      return None
+    return (
+        f"libtpu {libtpu_version} is installed, but jax {jax.__version__} is"
+        f" built for libtpu{req.specifier}: jax's profiler would crash this"
+        f" process. Fix: pip install 'jax[tpu]=={jax.__version__}' (or"
+        " uninstall libtpu, or run with JAX_PLATFORMS=cpu on a host without"
+        " TPUs)"
+    )
+  return None
+
+
 def time_stage(
     stage: Stage, warmup: int, iters: int, profile_dir: str | None = None
 ):
@@ -140,7 +197,13 @@ def time_stage(
   Returns:
     `(record, last_output)`: timings (seconds), FLOPs, images/s and memory
     figures; the output feeds the next stage.
+
+  Raises:
+    errors.ConfigError: `profile_dir` is set and the profiler would crash
+      (`find_profiler_conflict`).
   """
+  if profile_dir and (conflict := find_profiler_conflict()):
+    raise errors.ConfigError(f"profile_dir: {conflict}")
   start = time.perf_counter()
   lowered = stage.jitted.lower(*stage.args)
   trace_s = time.perf_counter() - start
