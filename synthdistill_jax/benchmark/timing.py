@@ -163,7 +163,10 @@ def find_profiler_conflict(
   if platforms.strip() and "tpu" not in platforms.lower():
     return None
   if jax_requires is None:
-    jax_requires = importlib.metadata.requires("jax") or []
+    try:
+      jax_requires = importlib.metadata.requires("jax") or []
+    except importlib.metadata.PackageNotFoundError:  # jax from a source tree
+      return None
   for line in jax_requires:
     req = requirements.Requirement(line)
     if req.name != "libtpu" or req.marker is None:
