@@ -85,6 +85,55 @@ def test_time_stage_writes_a_profiler_trace(tmp_path):
   assert len(traces) == 1 and traces[0].stat().st_size > 0
 
 
+def test_count_fusions_shares_bodies_equal_up_to_names():
+  def three(a, b, c):
+    return jnp.sin(a) * 2 + 1, jnp.sin(b) * 2 + 1, jnp.sin(c) * 2 + 1
+
+  args = (jnp.ones((64, 64)), jnp.ones((64, 64)), jnp.ones((32, 32)))
+  compiled = jax.jit(three).lower(*args).compile()
+  counts = timing.read_fusions(compiled)
+  # Three fusions; the two on [64, 64] are one kernel.
+  assert counts["by_kind"]["kLoop"] == {"fusions": 3, "distinct": 2}
+  assert (counts["fusions"], counts["distinct"]) == (3, 2)
+
+
+def test_count_fusions_tells_constants_and_kinds_apart():
+  def body(name, constant):
+    return (
+        f"%{name} (param_0.{constant}: f32[4]) -> f32[4] {{\n"
+        f"  %param_0.{constant} = f32[4]{{0}} parameter(0)\n"
+        f"  %c.{constant} = f32[] constant({constant})\n"
+        f"  %b.{constant} = f32[4]{{0}} broadcast(%c.{constant}),"
+        ' dimensions={}, metadata={op_name="x"}\n'
+        f"  ROOT %a.{constant} = f32[4]{{0}} add(%param_0.{constant},"
+        f" %b.{constant})\n}}\n"
+    )
+
+  def call(name, kind, computation):
+    return (
+        f"  %{name} = f32[4]{{0}} fusion(%p), kind={kind},"
+        f" calls=%{computation}\n"
+    )
+
+  text = (
+      body("f1", 1)
+      + body("f2", 1)  # f1 under other names.
+      + body("f3", 2)  # Another constant: another kernel.
+      + "ENTRY %main (p: f32[4]) -> f32[4] {\n"
+      + call("x1", "kLoop", "f1")
+      + call("x2", "kLoop", "f2")
+      + call("x3", "kLoop", "f3")
+      + call("x4", "kCustom", "f1")
+      + "}\n"
+  )
+  counts = timing.count_fusions(text)
+  assert counts["by_kind"] == {
+      "kCustom": {"fusions": 1, "distinct": 1},
+      "kLoop": {"fusions": 3, "distinct": 2},
+  }
+  assert (counts["fusions"], counts["distinct"]) == (4, 3)
+
+
 JAX_TPU_PIN = ['libtpu==0.0.42.*; extra == "tpu"', "jaxlib==0.10.2"]
 
 
@@ -251,9 +300,11 @@ def test_cli_on_the_demo_config_writes_table_and_json(tmp_path):
     assert stage["mfu"] > 0, name
     assert "mfu_datasheet" in stage, name
     assert stage["compile_s"] > 0, name
+    assert 0 < stage["fusions"]["distinct"] <= stage["fusions"]["fusions"]
     assert stage["images_per_call"] == (16 if "iteration" in name else 8)
     assert name in result.stdout  # The table row.
   assert "MFU" in result.stdout and "peak memory" in result.stdout
+  assert "kernels" in result.stdout
   assert run["peak_memory"]["peak_bytes"] > 0
   # The CLI restarts itself with huge pages where that helps (`hostmem`).
   restart = hostmem.tunables_with_huge_pages(

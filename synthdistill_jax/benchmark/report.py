@@ -12,7 +12,7 @@ def format_table(result: dict[str, Any]) -> str:
   head = (
       f"{'stage':<26}{'img/call':>9}{'ms/call':>10}{'img/s':>9}"
       f"{'img/s/dev':>10}{'GFLOP/img':>10}{'GFLOP/s':>9}{'MFU':>7}"
-      f"{'MFU(ds)':>8}{'compile s':>10}{'temp MiB':>9}"
+      f"{'MFU(ds)':>8}{'compile s':>10}{'kernels':>8}{'temp MiB':>9}"
   )
   # Results written before the peak was measured twice have no runs.
   runs = result["peak"].get("flops_per_s_runs")
@@ -39,12 +39,16 @@ def format_table(result: dict[str, Any]) -> str:
   for name, t in result["stages"].items():
     ds = f"{t['mfu_datasheet']:.1%}" if t["mfu_datasheet"] else "-"
     temp = t["memory"].get("temp_bytes", 0) / 2**20
+    # Distinct fused kernels (what compile time grows with); results
+    # written before they were counted have none.
+    kernels = (t.get("fusions") or {}).get("distinct", "-")
     lines.append(
         f"{name:<26}{t['images_per_call']:>9}"
         f"{t['seconds_median'] * 1e3:>10.1f}{t['images_per_s']:>9.2f}"
         f"{t['images_per_s_per_device']:>10.2f}"
         f"{t['flops_per_image'] / 1e9:>10.2f}{t['flops_per_s'] / 1e9:>9.1f}"
-        f"{t['mfu']:>7.1%}{ds:>8}{t['compile_s']:>10.1f}{temp:>9.0f}"
+        f"{t['mfu']:>7.1%}{ds:>8}{t['compile_s']:>10.1f}{kernels:>8}"
+        f"{temp:>9.0f}"
     )
   memory = result["peak_memory"]
   # Results written before huge pages were recorded have no `host_memory`.

@@ -3,9 +3,11 @@
 Also the datasheet peaks of known accelerators, for MFU against them.
 """
 
+import collections
 import dataclasses
 import importlib.metadata
 import os
+import re
 import resource
 import statistics
 import sys
@@ -112,6 +114,83 @@ def read_memory_analysis(compiled) -> dict[str, int]:
       f"{name}_bytes": int(getattr(stats, f"{name}_size_in_bytes", 0))
       for name in names
   }
+
+
+_HLO_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) \(.*\{$")
+_HLO_FUSION = re.compile(r" fusion\(.*kind=(\w+).*calls=%([\w.\-]+)")
+# What differs between two copies of the same kernel: names and metadata.
+_HLO_NAMES = re.compile(r"%[\w.\-]+|param_\d+(?:\.\d+)?")
+_HLO_METADATA = re.compile(r",? metadata=\{[^}]*\}")
+
+
+def count_fusions(hlo_text: str) -> dict[str, Any]:
+  """Fusions of an optimised HLO module, and how many differ in their code.
+
+  Compile time grows with the distinct kernels, not the fusions: XLA:CPU
+  compiles a fused computation once and shares it between the fusions
+  whose bodies match up to names (a network's identical blocks). Two
+  bodies count as one kernel when they are equal once instruction names,
+  parameter names and metadata are set aside.
+
+  Args:
+    hlo_text: `compiled.as_text()`.
+
+  Returns:
+    `{'fusions', 'distinct', 'by_kind': {kind: {'fusions', 'distinct'}}}`,
+    kinds as XLA names them (`kLoop`, `kInput`, `kCustom` for library
+    fusions such as XLA:CPU's YNNPACK calls, ...).
+  """
+  bodies, name, lines = {}, None, []
+  for line in hlo_text.splitlines():
+    if (m := _HLO_COMPUTATION.match(line)) is not None:
+      name, lines = m.group(1), []
+    elif line.startswith("}") and name is not None:
+      bodies[name], name = "\n".join(lines), None
+    elif name is not None:
+      lines.append(_HLO_NAMES.sub("%", _HLO_METADATA.sub("", line.strip())))
+  kinds = collections.defaultdict(lambda: [0, set()])
+  for line in hlo_text.splitlines():
+    if (m := _HLO_FUSION.search(line)) is not None:
+      kind, called = m.groups()
+      kinds[kind][0] += 1
+      kinds[kind][1].add(bodies.get(called, called))
+  by_kind = {
+      kind: {"fusions": n, "distinct": len(distinct)}
+      for kind, (n, distinct) in sorted(kinds.items())
+  }
+  return {
+      "fusions": sum(k["fusions"] for k in by_kind.values()),
+      "distinct": sum(k["distinct"] for k in by_kind.values()),
+      "by_kind": by_kind,
+  }
+
+
+def read_fusions(compiled) -> dict[str, Any] | None:
+  """`count_fusions` of an executable, summed over separately compiled pieces.
+
+  Args:
+    compiled: a `jax.stages.Compiled`, or `programs.CompiledSplit` (whose
+      pieces are compiled one by one, so each counts its own kernels).
+
+  Returns:
+    As `count_fusions`, or None when the backend gives no HLO text.
+  """
+  pieces = getattr(compiled, "compiled", None)
+  executables = [c for c, _ in pieces.values()] if pieces else [compiled]
+  total = {"fusions": 0, "distinct": 0, "by_kind": {}}
+  for executable in executables:
+    try:
+      text = executable.as_text()
+    except (NotImplementedError, AttributeError):
+      return None
+    counts = count_fusions(text or "")
+    total["fusions"] += counts["fusions"]
+    total["distinct"] += counts["distinct"]
+    for kind, n in counts["by_kind"].items():
+      into = total["by_kind"].setdefault(kind, {"fusions": 0, "distinct": 0})
+      into["fusions"] += n["fusions"]
+      into["distinct"] += n["distinct"]
+  return total
 
 
 def read_peak_memory() -> dict[str, Any]:
@@ -244,6 +323,7 @@ def time_stage(
       "flops_per_image": flops / stage.images,
       "flops_per_s": flops / seconds,
       "memory": read_memory_analysis(compiled),
+      "fusions": read_fusions(compiled),
   }
   return record, out
 
