@@ -1,6 +1,8 @@
 """The timing harness: compile ahead of time, warm up, time, read XLA's analyses.
 
-Also the datasheet peaks of known accelerators, for MFU against them.
+Also the datasheet peaks of known accelerators (for MFU against them), the
+count of distinct kernels in a compiled program (what compile time grows
+with) and the check that the profiler can run beside the installed libtpu.
 """
 
 import collections
