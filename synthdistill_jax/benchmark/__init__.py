@@ -24,6 +24,7 @@ on the values. The JSON and the table say so.
 
 #
 # Rooms: `timing` (the harness: compile, warm up, time, FLOPs, memory,
-# distinct kernels, datasheet peaks, the profiler's libtpu check), `stages` (the stages of an iteration, built from the
-# trainer's own `experiment.create`), `report` (table, comparison, config
-# difference) and `__main__` (flags and the JSON file).
+# distinct kernels, datasheet peaks, the profiler's libtpu check), `stages`
+# (the stages of an iteration, built from the trainer's own
+# `experiment.create`), `report` (table, comparison, config difference) and
+# `__main__` (flags and the JSON file).

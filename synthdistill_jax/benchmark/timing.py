@@ -142,8 +142,10 @@ def count_fusions(hlo_text: str) -> dict[str, Any]:
     kinds as XLA names them (`kLoop`, `kInput`, `kCustom` for library
     fusions such as XLA:CPU's YNNPACK calls, ...).
   """
-  bodies, name, lines = {}, None, []
+  bodies, calls, name, lines = {}, [], None, []
   for line in hlo_text.splitlines():
+    if (m := _HLO_FUSION.search(line)) is not None:
+      calls.append(m.groups())
     if (m := _HLO_COMPUTATION.match(line)) is not None:
       name, lines = m.group(1), []
     elif line.startswith("}") and name is not None:
@@ -151,11 +153,9 @@ def count_fusions(hlo_text: str) -> dict[str, Any]:
     elif name is not None:
       lines.append(_HLO_NAMES.sub("%", _HLO_METADATA.sub("", line.strip())))
   kinds = collections.defaultdict(lambda: [0, set()])
-  for line in hlo_text.splitlines():
-    if (m := _HLO_FUSION.search(line)) is not None:
-      kind, called = m.groups()
-      kinds[kind][0] += 1
-      kinds[kind][1].add(bodies.get(called, called))
+  for kind, called in calls:
+    kinds[kind][0] += 1
+    kinds[kind][1].add(bodies.get(called, called))
   by_kind = {
       kind: {"fusions": n, "distinct": len(distinct)}
       for kind, (n, distinct) in sorted(kinds.items())
