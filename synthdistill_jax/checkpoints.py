@@ -14,7 +14,6 @@ iteration boundary and returns cleanly.
 
 import math
 import os
-import re
 import signal
 import threading
 import time
@@ -27,11 +26,17 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from synthdistill_jax import errors
+from synthdistill_jax import integrity
 from synthdistill_jax import models
 from synthdistill_jax import sharding
 
 # Local paths made absolute, URIs (gs://...) kept.
 resolve_path = models.registry.resolve_path
+
+# Keys of a step's custom metadata: array name -> checksum, and how it was
+# computed.
+CHECKSUMS = "checksums"
+ALGORITHM = "checksum_algorithm"
 
 
 def create_manager(
@@ -61,34 +66,57 @@ def create_manager(
   )
 
 
-def save(manager: ocp.CheckpointManager, state: Any, *, force=True) -> bool:
-  """Saves `state` under its iteration number (`state.step`).
+def save(
+    manager: ocp.CheckpointManager,
+    state: Any,
+    *,
+    force: bool = True,
+    step: int | None = None,
+) -> bool:
+  """Saves `state` under its iteration number (`state.step`, or `step`).
+
+  The step's metadata (`_CHECKPOINT_METADATA`, committed with the arrays)
+  holds a checksum per array (`integrity.checksums`), which
+  `restore_latest` compares. A collective with several processes.
 
   Args:
     manager: from `create_manager`.
     state: a `distill.TrainState` of global arrays.
     force: save even if the manager's policy would skip this step.
+    step: the step to save under; None reads `state.step`.
 
   Returns:
     Whether a save was started.
   """
-  step = int(jax.device_get(state.step))
+  if step is None:
+    step = int(jax.device_get(state.step))
   if step in manager.all_steps():
     return False
-  return manager.save(step, args=ocp.args.StandardSave(state), force=force)
+  return manager.save(
+      step,
+      args=ocp.args.StandardSave(state),
+      force=force,
+      custom_metadata={
+          CHECKSUMS: integrity.checksums(state),
+          ALGORITHM: integrity.ALGORITHM,
+      },
+  )
 
 
 class CheckpointError(errors.ConfigError):
   """The workdir holds checkpoints but none can be restored (one line)."""
 
 
-def _layout(tree) -> dict[str, tuple]:
-  """Array path -> shape, with dict keys and dataclass fields alike."""
+def _layout(tree, field: str = "shape") -> dict[str, Any]:
+  """Array path -> shape (or dtype), dict keys and dataclass fields alike."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  if field == "dtype":
+    return {
+        integrity.leaf_name(path): str(getattr(leaf, "dtype", None))
+        for path, leaf in leaves
+    }
   return {
-      "/".join(re.findall(r"\w+", jax.tree_util.keystr(path))): tuple(
-          getattr(leaf, "shape", ())
-      )
+      integrity.leaf_name(path): tuple(getattr(leaf, "shape", ()))
       for path, leaf in leaves
   }
 
@@ -114,6 +142,17 @@ def _set_aside(manager, step: int, reason: str, log) -> str:
   return str(target)
 
 
+def _saved_checksums(manager, step: int) -> tuple[dict | None, str]:
+  """The checksums saved with checkpoint `step`, or None and why not."""
+  custom = manager.metadata(step).custom_metadata or {}
+  if CHECKSUMS not in custom:
+    return None, "it has no checksums (written before 2026-12-07)"
+  if custom.get(ALGORITHM) != integrity.ALGORITHM:
+    # A later version's checksums: not damage.
+    return None, f"its checksums are {custom.get(ALGORITHM)!r}, unknown here"
+  return dict(custom[CHECKSUMS]), ""
+
+
 def restore_latest(
     manager: ocp.CheckpointManager,
     abstract_state: Any,
@@ -123,13 +162,15 @@ def restore_latest(
   """Restores the newest restorable checkpoint onto `abstract_state`.
 
   A checkpoint whose files cannot be read (truncated or overwritten arrays,
-  missing metadata) is moved aside to `<dir>.corrupt/` (never deleted), with
-  one line naming it and why, and the one before it is tried. A checkpoint
-  of other shapes than the config's student is a config mistake, not
-  corruption: `errors.ConfigError`, nothing moved. A checkpoint laid out as
-  one of `alternatives` (the same numbers in other arrays: the optimiser
-  state per parameter or raveled) is restored onto it and converted with
-  `regroup`, with one line saying so.
+  missing metadata) or whose arrays differ from the checksums saved with
+  them (`save`) is moved aside to `<dir>.corrupt/` (never deleted), with one
+  line naming it and why, and the one before it is tried. A checkpoint
+  without checksums (written by an earlier version) is restored with one
+  line saying so. A checkpoint of other shapes than the config's student is
+  a config mistake, not corruption: `errors.ConfigError`, nothing moved. A
+  checkpoint laid out as one of `alternatives` (the same numbers in other
+  arrays: the optimiser state per parameter or raveled) is restored onto it
+  and converted with `regroup`, with one line saying so.
 
   Args:
     manager: from `create_manager`.
@@ -152,6 +193,8 @@ def restore_latest(
       # None: a manager without a known handler, not damage; the restore
       # below decides.
       saved = None if meta is None else _layout(meta.tree)
+      saved_dtypes = {} if meta is None else _layout(meta.tree, "dtype")
+      sums, unverified = _saved_checksums(manager, step)
     except Exception as e:  # pylint: disable=broad-except
       # orbax/tensorstore raise many types for damaged files.
       aside.append(_set_aside(manager, step, _reason(e), log))
@@ -170,6 +213,31 @@ def restore_latest(
     except Exception as e:  # pylint: disable=broad-except
       aside.append(_set_aside(manager, step, _reason(e), log))
       continue
+    if sums is None:
+      log(f"checkpoint {step} restored unverified: {unverified}")
+    else:
+      # An array restored onto another dtype than it was saved in (orbax
+      # casts) has other bits: only the others are compared.
+      cast = {
+          k
+          for k, v in _layout(restored, "dtype").items()
+          if saved_dtypes.get(k, v) != v
+      }
+      found = integrity.checksums(restored)
+      wrong = [k for k in integrity.mismatches(sums, found) if k not in cast]
+      if wrong:
+        which = (
+            f"{wrong[0]} and {len(wrong) - 1} more arrays differ"
+            if len(wrong) > 1
+            else f"{wrong[0]} differs"
+        )
+        reason = (
+            f"{which} from the checksums saved with it: the files changed"
+            " after they were written"
+        )
+        del restored
+        aside.append(_set_aside(manager, step, reason, log))
+        continue
     if target is abstract_state:
       return restored
     log(

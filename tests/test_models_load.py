@@ -9,6 +9,7 @@ import pytest
 
 from synthdistill_jax import models
 from tests import test_evaluate_cli
+from tests import test_reliability
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +98,23 @@ def test_damaged_variables_are_one_line(saved, tmp_path):
   with pytest.raises(FileNotFoundError) as e:
     models.load(copy)
   _one_line(e, "no variables/ folder")
+
+
+def test_changed_bytes_in_the_variables_are_refused(saved, tmp_path):
+  directory, variables = saved
+  copy = tmp_path / "copy"
+  shutil.copytree(directory, copy)
+  # The largest array file, changed in place (orbax itself reads it
+  # without an error, as different numbers).
+  test_reliability.flip_bytes_in_largest_array_file(copy / "variables")
+  with pytest.raises(ValueError) as e:
+    models.load(copy)
+  _one_line(e, str(copy), "differs from its checksum in model.json")
+  # A folder written before checksums loads as before.
+  old = tmp_path / "old"
+  shutil.copytree(directory, old)
+  config = json.loads((old / "model.json").read_text())
+  del config["checksums"], config["checksum_algorithm"]
+  (old / "model.json").write_text(json.dumps(config))
+  _, got = models.load(old)
+  assert jax.tree.all(jax.tree.map(np.array_equal, got, variables))

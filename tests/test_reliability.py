@@ -263,7 +263,7 @@ def test_damaged_checkpoints_are_set_aside_never_trusted(tmp_path):
   directory = tmp_path / "checkpoints"
   manager = _manager(directory)
   for step in (1, 2, 3):
-    manager.save(step, args=ocp.args.StandardSave(_tiny_state(step)))
+    checkpoints.save(manager, _tiny_state(step), step=step)
   manager.wait_until_finished()
   manager.close()
   # A fresh manager, as a resumed run has. Step 3: metadata gone; step 2: every array file truncated.
@@ -297,7 +297,7 @@ def test_damaged_checkpoints_are_set_aside_never_trusted(tmp_path):
   assert "checkpoints.corrupt" in _one_line_error(str(info.value))
   # A checkpoint of other shapes is a config mistake: nothing moved.
   manager = _manager(tmp_path / "other")
-  manager.save(1, args=ocp.args.StandardSave(_tiny_state(1.0)))
+  checkpoints.save(manager, _tiny_state(1.0), step=1)
   manager.wait_until_finished()
   manager.close()
   manager = _manager(tmp_path / "other")
@@ -308,6 +308,74 @@ def test_damaged_checkpoints_are_set_aside_never_trusted(tmp_path):
   assert (tmp_path / "other" / "1").exists()
 
 
+def flip_bytes_in_largest_array_file(folder: pathlib.Path) -> pathlib.Path:
+  """XORs 8 bytes in the middle of the largest data file under `folder`.
+
+  orbax's zstd chunks carry no checksum: on incompressible numbers this
+  changes values and the restore itself succeeds.
+  """
+  files = [f for f in folder.rglob("*") if f.is_file() and f.parent.name == "d"]
+  target = max(files, key=lambda f: f.stat().st_size)
+  data = bytearray(target.read_bytes())
+  middle = len(data) // 2
+  data[middle : middle + 8] = bytes(b ^ 0x55 for b in data[middle : middle + 8])
+  target.write_bytes(bytes(data))
+  return target
+
+
+def test_checkpoint_with_changed_bytes_is_set_aside(tmp_path):
+  directory = tmp_path / "checkpoints"
+  rng = np.random.default_rng(0)
+  states = {
+      step: {
+          "w": jnp.asarray(rng.standard_normal((64, 64)), jnp.float32),
+          "step": jnp.int32(step),
+      }
+      for step in (1, 2)
+  }
+  manager = _manager(directory)
+  for step, state in states.items():
+    checkpoints.save(manager, state, step=step)
+  manager.wait_until_finished()
+  manager.close()
+  flip_bytes_in_largest_array_file(directory / "2")
+  target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), states[1]
+  )
+  messages = []
+  manager = _manager(directory)
+  restored = checkpoints.restore_latest(manager, target, messages.append)
+  manager.close()
+  np.testing.assert_array_equal(restored["w"], states[1]["w"])
+  assert len(messages) == 1, messages
+  assert "checkpoint 2 cannot be restored (w differs from" in messages[0]
+  assert "changed after they were written" in messages[0]
+  assert [
+      p.name.split("-")[0] for p in (tmp_path / "checkpoints.corrupt").iterdir()
+  ] == ["2"]
+
+
+def test_checkpoint_without_checksums_is_restored_with_a_line(tmp_path):
+  # Written by a version before checksums: trusted as before, and said so.
+  directory = tmp_path / "checkpoints"
+  manager = _manager(directory)
+  manager.save(4, args=ocp.args.StandardSave(_tiny_state(4.0)))
+  manager.wait_until_finished()
+  manager.close()
+  target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _tiny_state(0.0)
+  )
+  messages = []
+  manager = _manager(directory)
+  restored = checkpoints.restore_latest(manager, target, messages.append)
+  manager.close()
+  np.testing.assert_array_equal(restored["w"], np.full((4, 3), 4.0))
+  assert messages == [
+      "checkpoint 4 restored unverified: it has no checksums (written before"
+      " 2026-12-07)"
+  ]
+
+
 def test_a_fresh_manager_restores_intact_checkpoints(tmp_path):
   # What a resumed process does: a new manager that has not saved or
   # restored anything yet. Intact checkpoints must be restored, never taken
@@ -316,7 +384,7 @@ def test_a_fresh_manager_restores_intact_checkpoints(tmp_path):
   directory = tmp_path / "checkpoints"
   manager = _manager(directory)
   for step in (1, 2):
-    manager.save(step, args=ocp.args.StandardSave(_tiny_state(step)))
+    checkpoints.save(manager, _tiny_state(step), step=step)
   manager.wait_until_finished()
   manager.close()
   target = jax.tree.map(
@@ -510,7 +578,7 @@ def test_checkpoint_of_the_other_optimiser_layout_resumes_converted(tmp_path):
   for saved, wanted in ((False, True), (True, False)):
     directory = tmp_path / f"from-{saved}"
     manager = _manager(directory)
-    manager.save(3, args=ocp.args.StandardSave(_adam_states(saved, 3)))
+    checkpoints.save(manager, _adam_states(saved, 3), step=3)
     manager.wait_until_finished()
     manager.close()
     target = _abstract(_adam_states(wanted, 0))

@@ -1,8 +1,8 @@
 """Model registry and the on-disk format of converted and trained models.
 
 A model folder holds `model.json` (which architecture, with which constructor
-arguments, plus free-form metadata such as where it was converted from) and
-`variables/`, an orbax checkpoint of the Flax variables. Reading it back needs
+arguments, a checksum per array, plus free-form metadata such as where it was
+converted from) and `variables/`, an orbax checkpoint of the Flax variables. Reading it back needs
 neither PyTorch nor the original checkpoint:
 
   module, variables = synthdistill_jax.models.load(directory)
@@ -24,11 +24,16 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from synthdistill_jax import integrity
+
 FORMAT = "synthdistill-jax-model/1"
 MODEL_JSON = "model.json"
 VARIABLES_DIR = "variables"
 # `model.json` metadata key: the converter was told to keep NaN/Inf values.
 ALLOW_NONFINITE = "allow_nonfinite"
+# `model.json` keys: array name -> `integrity.checksums`, and its algorithm.
+CHECKSUMS = "checksums"
+CHECKSUM_ALGORITHM = "checksum_algorithm"
 
 # Architecture name -> module of `synthdistill_jax.models` that builds it.
 _ARCH_MODULES = {
@@ -116,14 +121,17 @@ def save(
     raise FileExistsError(f"{directory} already holds a model")
   create_model(arch, **kwargs)  # Fails early on a bad arch or kwargs.
   directory.mkdir(parents=True, exist_ok=True)
+  variables = _to_numpy(variables)
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(directory / VARIABLES_DIR, _to_numpy(variables))
+    ckptr.save(directory / VARIABLES_DIR, variables)
     ckptr.wait_until_finished()
   config = {
       "format": FORMAT,
       "arch": arch,
       "kwargs": kwargs,
       "metadata": metadata or {},
+      CHECKSUM_ALGORITHM: integrity.ALGORITHM,
+      CHECKSUMS: integrity.checksums(variables),
   }
   (directory / MODEL_JSON).write_text(json.dumps(config, indent=2) + "\n")
   return directory
@@ -183,6 +191,7 @@ def check_variables(
     expected: Any,
     *,
     allow_nonfinite: bool = False,
+    checksums: dict[str, str] | None = None,
 ) -> None:
   """Checks read variables against the shapes and dtypes a config implies.
 
@@ -191,10 +200,13 @@ def check_variables(
     variables: the arrays read.
     expected: `abstract_variables` of the module `model.json` describes.
     allow_nonfinite: accept NaN/Inf values.
+    checksums: `integrity.checksums` of the variables as written (None: not
+      checked).
 
   Raises:
     ValueError: one line naming the first missing, unexpected, misshapen,
-      mistyped or non-finite array (and how many more arrays are wrong).
+      mistyped, changed (checksum) or non-finite array (and how many more
+      arrays are wrong).
   """
   got, want = _flat(variables), _flat(expected)
   problems = [
@@ -203,6 +215,7 @@ def check_variables(
       if k not in got
   ]
   problems += [f"unexpected array {k}" for k in got if k not in want]
+  nonfinite = []
   for k in (k for k in want if k in got):
     found, spec = got[k], want[k]
     if tuple(np.shape(found)) != tuple(spec.shape):
@@ -217,7 +230,16 @@ def check_variables(
       )
     elif not allow_nonfinite and not np.isfinite(found).all():
       bad = int(np.size(found) - np.count_nonzero(np.isfinite(found)))
-      problems.append(f"array {k} has {bad} non-finite value(s) (NaN/Inf)")
+      nonfinite.append(f"array {k} has {bad} non-finite value(s) (NaN/Inf)")
+  if checksums is not None and not problems:
+    # Before NaN/Inf: changed bytes can read as NaN, and the cause is the
+    # file, not the model.
+    problems += [
+        f"array {k} differs from its checksum in model.json: the files"
+        " changed after they were written (convert or export it again)"
+        for k in integrity.mismatches(checksums, integrity.checksums(variables))
+    ]
+  problems += nonfinite
   if problems:
     more = len(problems) - 1
     raise ValueError(
@@ -272,10 +294,15 @@ def load(
   variables = _to_numpy(variables)
   if allow_nonfinite is None:
     allow_nonfinite = bool(config.get("metadata", {}).get(ALLOW_NONFINITE))
+  # Folders written before checksums (or by a later algorithm): unchecked.
+  checksums = None
+  if config.get(CHECKSUM_ALGORITHM) == integrity.ALGORITHM:
+    checksums = dict(config.get(CHECKSUMS) or {})
   check_variables(
       str(directory),
       variables,
       abstract_variables(config["arch"], module),
       allow_nonfinite=allow_nonfinite,
+      checksums=checksums,
   )
   return module, variables
