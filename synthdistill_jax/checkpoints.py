@@ -12,6 +12,7 @@ SIGTERM (preemption) only sets a flag; the training loop saves at the next
 iteration boundary and returns cleanly.
 """
 
+import json
 import math
 import os
 import signal
@@ -37,6 +38,8 @@ resolve_path = models.registry.resolve_path
 # computed.
 CHECKSUMS = "checksums"
 ALGORITHM = "checksum_algorithm"
+# orbax's per-step metadata file (commit times, custom metadata).
+STEP_METADATA = "_CHECKPOINT_METADATA"
 
 
 def create_manager(
@@ -143,8 +146,22 @@ def _set_aside(manager, step: int, reason: str, log) -> str:
 
 
 def _saved_checksums(manager, step: int) -> tuple[dict | None, str]:
-  """The checksums saved with checkpoint `step`, or None and why not."""
-  custom = manager.metadata(step).custom_metadata or {}
+  """The checksums saved with checkpoint `step`, or None and why not.
+
+  Read from the step's metadata file itself: orbax answers an unreadable
+  one with empty metadata (and log lines), which would pass for a
+  checkpoint written before checksums.
+
+  Raises:
+    ValueError: the metadata file is not valid JSON (damage).
+  """
+  path = epath.Path(manager.directory) / str(step) / STEP_METADATA
+  if not path.exists():
+    return None, f"it has no {STEP_METADATA}"
+  try:
+    custom = json.loads(path.read_text()).get("custom_metadata") or {}
+  except ValueError as e:
+    raise ValueError(f"{STEP_METADATA} is not valid JSON ({e})") from None
   if CHECKSUMS not in custom:
     return None, "it has no checksums (written before 2026-12-07)"
   if custom.get(ALGORITHM) != integrity.ALGORITHM:
@@ -189,12 +206,12 @@ def restore_latest(
   aside = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
+      sums, unverified = _saved_checksums(manager, step)
       meta = manager.item_metadata(step)
       # None: a manager without a known handler, not damage; the restore
       # below decides.
       saved = None if meta is None else _layout(meta.tree)
       saved_dtypes = {} if meta is None else _layout(meta.tree, "dtype")
-      sums, unverified = _saved_checksums(manager, step)
     except Exception as e:  # pylint: disable=broad-except
       # orbax/tensorstore raise many types for damaged files.
       aside.append(_set_aside(manager, step, _reason(e), log))

@@ -291,6 +291,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
         config,
         workdir,
         checkpoints.has_checkpoints(workdir / "checkpoints"),
+        log,
     )
     enable_compilation_cache(config, workdir)
     return _train(config, workdir, log)

@@ -244,21 +244,40 @@ def _normalise(value):
   return json.loads(json.dumps(value, default=str))
 
 
-def check_or_store_config(config, workdir, has_checkpoints: bool) -> None:
+def check_or_store_config(
+    config, workdir, has_checkpoints: bool, log=print
+) -> None:
   """Refuses a resume whose config changed a frozen field; stores the config.
+
+  An unreadable stored config is moved aside to `config.json.corrupt-<time>`
+  with one line (the resume then goes on without the comparison; the
+  checkpoints' shapes are still checked when they are restored).
 
   Args:
     config: the experiment config.
     workdir: the run's workdir.
     has_checkpoints: whether the workdir holds checkpoints to resume from.
+    log: where the message about an unreadable stored config goes.
   """
   path = epath.Path(workdir) / CONFIG_NAME
   current = _normalise(config.to_dict())
   if has_checkpoints and path.exists():
     try:
       stored = json.loads(path.read_text())
-    except ValueError:
+      if not isinstance(stored, dict):
+        raise ValueError(f"a JSON {type(stored).__name__}, not an object")
+    except (ValueError, OSError) as e:
       stored = None
+      # Process 0 moves it; another process may find it gone meanwhile.
+      if jax.process_index() == 0 and path.exists():
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = path.parent / f"{CONFIG_NAME}.corrupt-{stamp}"
+        path.rename(aside)
+        log(
+            f"{path} is not a readable config ({type(e).__name__}:"
+            f" {str(e)[:120]}); moved to {aside}, resuming without comparing"
+            " the settings"
+        )
     if stored is not None and not config.get("allow_config_change", False):
       now, then = _flat(current), _flat(stored)
       changed = [

@@ -353,6 +353,21 @@ def test_checkpoint_with_changed_bytes_is_set_aside(tmp_path):
   assert [
       p.name.split("-")[0] for p in (tmp_path / "checkpoints.corrupt").iterdir()
   ] == ["2"]
+  # Its metadata file unreadable: the checksums are gone with it, so the
+  # checkpoint is damaged, not one written before checksums.
+  manager = _manager(directory)
+  checkpoints.save(manager, states[2], step=3)
+  manager.wait_until_finished()
+  manager.close()
+  (directory / "3" / checkpoints.STEP_METADATA).write_text("garbage")
+  messages = []
+  manager = _manager(directory)
+  restored = checkpoints.restore_latest(manager, target, messages.append)
+  manager.close()
+  np.testing.assert_array_equal(restored["w"], states[1]["w"])
+  assert len(messages) == 1, messages
+  assert "_CHECKPOINT_METADATA is not valid JSON" in messages[0]
+  assert messages[0].startswith("checkpoint 3 cannot be restored")
 
 
 def test_checkpoint_without_checksums_is_restored_with_a_line(tmp_path):
@@ -451,6 +466,17 @@ def test_resume_with_changed_settings_names_the_fields(tmp_path):
   workdir_lib.check_or_store_config(changed, tmp_path, True)
   stored = json.loads((tmp_path / "config.json").read_text())
   assert stored["schedule"]["batch_size"] == 16
+  # An unreadable stored config: set aside with one line, never trusted.
+  for text in ('{"schedule": {"batch_size"', "[1, 2]"):
+    (tmp_path / "config.json").write_text(text)
+    messages = []
+    workdir_lib.check_or_store_config(config, tmp_path, True, messages.append)
+    assert len(messages) == 1 and "moved to" in messages[0], messages
+    aside = sorted(tmp_path.glob("config.json.corrupt-*"))
+    assert aside and aside[-1].read_text() == text
+    aside[-1].unlink()
+    stored = json.loads((tmp_path / "config.json").read_text())
+    assert stored["schedule"]["batch_size"] == 8
 
 
 def test_metrics_after_a_resume_have_no_duplicate_steps(tmp_path):
