@@ -8,14 +8,15 @@ iteration and root key), never the frozen networks. Restoring it gives the
 same bits, so an interrupted and resumed run ends where an uninterrupted one
 does.
 
-SIGTERM (preemption) only sets a flag; the training loop saves at the next
-iteration boundary and returns cleanly.
+SIGTERM (preemption) and a first Ctrl-C only set a flag; the training loop
+saves at the next iteration boundary and returns cleanly.
 """
 
 import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Sequence
@@ -386,30 +387,52 @@ def has_checkpoints(directory) -> bool:
 
 
 class PreemptionFlag:
-  """Turns SIGTERM into a flag the training loop polls.
+  """Turns SIGTERM and the first Ctrl-C into a flag the training loop polls.
 
-  Use as a context manager; the previous handler is restored on exit.
+  SIGTERM (preemption) and the first SIGINT (Ctrl-C) set the flag: the loop
+  saves at the next iteration boundary and stops. The first Ctrl-C says so
+  on stderr and gives SIGINT back to its previous handler, so that a second
+  one interrupts at once (Python's `KeyboardInterrupt`), without a save.
+  Use as a context manager; the previous handlers are restored on exit.
+
+  Attributes:
+    signal_name: 'SIGTERM' or 'SIGINT', whichever set the flag first.
   """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self._event = threading.Event()
-    self._previous = None
+    self._previous = {}
+    self.signal_name = ""
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for signum in self.SIGNALS:
+        self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
   def _handle(self, signum, frame):
-    del signum, frame
+    del frame
+    if not self._event.is_set():
+      self.signal_name = signal.Signals(signum).name
     self._event.set()
+    if signum == signal.SIGINT:
+      signal.signal(signum, self._previous.pop(signum))
+      print(
+          "\nCtrl-C: saving a checkpoint after this iteration, then stopping"
+          " (Ctrl-C again stops at once, without it)",
+          file=sys.stderr,
+          flush=True,
+      )
 
   def is_set(self, sync: bool = False) -> bool:
-    """Whether SIGTERM arrived (on any host when `sync`: a collective)."""
+    """Whether the flag is set (on any host when `sync`: a collective)."""
     local = self._event.is_set()
     if not sync or jax.process_count() == 1:
       return local

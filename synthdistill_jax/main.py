@@ -7,7 +7,9 @@ the coordinator itself), or `--coordinator_address=HOST:PORT
 --num_processes=N --process_id=I` elsewhere (e.g. several processes on one
 machine). A bad flag, config file, field or setting prints one line to
 stderr and exits 1, before anything is built; a workdir whose checkpoints
-are all damaged exits 2 (they are moved aside, never deleted).
+are all damaged exits 2 (they are moved aside, never deleted). SIGTERM and
+a first Ctrl-C save a checkpoint and stop (exit 0); Ctrl-C before the loop,
+or a second one, stops at once with one line (exit 130).
 """
 
 import os
@@ -158,6 +160,14 @@ def main(argv) -> None:
     _fail(str(e), status=2)
   except (errors.ConfigError, train.TrainingDiverged) as e:
     _fail(str(e))
+  except KeyboardInterrupt:
+    # Ctrl-C before the loop, or a second one in it: nothing after the
+    # last checkpoint is kept, the checkpoints themselves are.
+    _fail(
+        "interrupted (Ctrl-C) before a checkpoint of the last iterations;"
+        " run the same command to resume from the latest one",
+        status=130,
+    )
 
 
 if __name__ == "__main__":

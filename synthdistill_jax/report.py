@@ -333,7 +333,7 @@ def format_report(config, series, info: dict[str, Any], workdir) -> str:
   devices = info.get("devices") or config.mesh.num_devices or jax.device_count()
   processes = info.get("processes") or jax.process_count()
   workdir = epath.Path(workdir)
-  state = " (stopped by SIGTERM)" if info.get("preempted") else ""
+  state = " (stopped by SIGTERM or Ctrl-C)" if info.get("preempted") else ""
   rows = [
       ("config", config.name),
       (

@@ -46,7 +46,7 @@ class TrainResult:
   Attributes:
     state: the final `distill.TrainState` (global arrays).
     validation: one dict per validation run (`mse`, `cosine`, `r2`, `step`).
-    preempted: whether the run stopped on SIGTERM before the end.
+    preempted: whether the run stopped on SIGTERM or Ctrl-C before the end.
   """
 
   state: Any
@@ -383,7 +383,7 @@ def _train(config, workdir: epath.Path, log) -> TrainResult:
 
 
 def _loop(run: _Run, state) -> TrainResult:
-  """Runs iterations until the end (or SIGTERM); see `train_and_evaluate`."""
+  """Runs iterations until the end (or SIGTERM, Ctrl-C); see the caller."""
   config, exp = run.config, run.exp
   sched = config.schedule
   total = sched.epochs * sched.steps_per_epoch
@@ -402,8 +402,9 @@ def _loop(run: _Run, state) -> TrainResult:
       unit="it",
       enabled=config.progress_bar,
   )
-  # SIGTERM is caught from here on, the first validation included: it then
-  # stops after the first iteration, saved, instead of killing the process.
+  # SIGTERM and a first Ctrl-C are caught from here on, the first validation
+  # included: the run then stops after the first iteration, saved, instead
+  # of dying.
   with checkpoints.PreemptionFlag() as flag, bar:
     if step == 0 and sched.val_batches:
       # The starting point of the held-out curve.
@@ -461,7 +462,10 @@ def _loop(run: _Run, state) -> TrainResult:
         # Save first: a preempted machine may have seconds left.
         _save(run, state, step)
       if stop:
-        run.log(f"SIGTERM: saved iteration {step} and stopped")
+        run.log(
+            f"{flag.signal_name or 'SIGTERM'}: saved iteration {step} and"
+            " stopped (run the same command to resume)"
+        )
         result.preempted = True
         break
       if epoch_end:

@@ -118,6 +118,44 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert len(steps) == 1 and 1 <= steps[0] < 1000
 
 
+def test_ctrl_c_saves_and_a_second_one_stops_at_once(tmp_path):
+  # Ctrl-C sends SIGINT to the process (its group on a terminal).
+  def start(workdir):
+    proc = _run_main(
+        workdir,
+        "--config.schedule.steps_per_epoch=1000",
+        "--config.checkpoint.every_steps=1000",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    jsonl = workdir / "metrics.jsonl"
+    deadline = time.time() + 600
+    while not (jsonl.exists() and jsonl.read_text().strip()):
+      assert proc.poll() is None and time.time() < deadline
+      time.sleep(0.5)
+    return proc
+
+  proc = start(tmp_path / "once")
+  proc.send_signal(signal.SIGINT)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out
+  assert "Traceback" not in out
+  assert "Ctrl-C: saving a checkpoint after this iteration" in out
+  assert "SIGINT: saved iteration" in out
+  steps = [int(p.name) for p in (tmp_path / "once" / "checkpoints").iterdir()]
+  assert len(steps) == 1 and 1 <= steps[0] < 1000
+  # Twice in a row: out at once, one line, exit 130.
+  proc = start(tmp_path / "twice")
+  proc.send_signal(signal.SIGINT)
+  # Two signals before Python's handler runs count as one.
+  time.sleep(2)
+  proc.send_signal(signal.SIGINT)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 130, out
+  assert "Traceback" not in out
+  assert "error: interrupted (Ctrl-C)" in out
+
+
 def test_static_dataset_tool_and_static_sampler(tmp_path):
   from synthdistill_jax.data import static_dataset  # pylint: disable=g-import-not-at-top
 
