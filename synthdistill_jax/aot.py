@@ -44,6 +44,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from synthdistill_jax import distill
+from synthdistill_jax import errors
 from synthdistill_jax import experiment
 from synthdistill_jax import progress
 
@@ -356,6 +357,7 @@ def format_table(r: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+@errors.exit_on_ctrl_c
 def main(argv: list[str]) -> None:
   """Compiles, prints the table, writes the JSON; exit 2 on user errors."""
   if len(argv) > 1:

@@ -6,6 +6,7 @@ No test asserts a time: the machine is shared and timings are noisy.
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from synthdistill_jax import errors
 from synthdistill_jax import hostmem
 from synthdistill_jax.benchmark import report
 from synthdistill_jax.benchmark import timing
@@ -317,3 +319,51 @@ def test_cli_on_the_demo_config_writes_table_and_json(tmp_path):
       ),
   }
   assert "huge pages: glibc.malloc.hugetlb=" in result.stdout
+
+
+def test_ctrl_c_is_one_line_and_status_130(tmp_path):
+  # Ctrl-C while it builds the networks: no traceback, the shell's status.
+  command = [
+      sys.executable,
+      "-m",
+      "synthdistill_jax.benchmark",
+      "--config=configs/demo.py",
+      f"--output={tmp_path / 'bench.json'}",
+  ]
+  env = dict(os.environ, SYNTHDISTILL_PROGRESS_EVERY_S="0")
+  proc = subprocess.Popen(
+      command,
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
+  lines = []
+  for line in proc.stderr:
+    lines.append(line)
+    if "peak float32 matmul" in line:  # Building the networks next.
+      break
+  proc.send_signal(signal.SIGINT)
+  _, rest = proc.communicate(timeout=300)
+  assert proc.returncode == errors.INTERRUPTED_STATUS, "".join(lines) + rest
+  assert "Traceback" not in rest
+  assert rest.strip().splitlines()[-1] == "interrupted (Ctrl-C)"
+  assert not (tmp_path / "bench.json").exists()
+
+
+def test_exit_on_ctrl_c_keeps_results_and_other_errors():
+  @errors.exit_on_ctrl_c
+  def main(value):
+    if value is None:
+      raise KeyboardInterrupt
+    if value < 0:
+      raise ValueError("a bug keeps its traceback")
+    return value
+
+  assert main(3) == 3
+  with pytest.raises(SystemExit) as info:
+    main(None)
+  assert info.value.code == errors.INTERRUPTED_STATUS
+  with pytest.raises(ValueError, match="keeps its traceback"):
+    main(-1)

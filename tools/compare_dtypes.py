@@ -30,6 +30,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from synthdistill_jax import distill
+from synthdistill_jax import errors
 from synthdistill_jax import experiment
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -58,6 +59,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   return np.sum(a * b, axis=1)
 
 
+@errors.exit_on_ctrl_c
 def main(argv) -> None:
   del argv
   if _CONFIG.value is None:

@@ -27,6 +27,7 @@ import hashlib
 import os
 import sys
 
+from synthdistill_jax import errors
 from synthdistill_jax import models
 from synthdistill_jax import progress
 from synthdistill_jax import safe_pickle
@@ -195,6 +196,7 @@ def convert(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+@errors.exit_on_ctrl_c
 def main(argv: list[str] | None = None) -> int:
   """Runs the tool; returns the exit status."""
   args = parse_args(sys.argv[1:] if argv is None else argv)

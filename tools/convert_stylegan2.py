@@ -17,6 +17,7 @@ import json
 import pathlib
 import sys
 
+from synthdistill_jax import errors
 from synthdistill_jax import models
 from synthdistill_jax import progress
 from synthdistill_jax import safe_pickle
@@ -97,6 +98,7 @@ def convert(
   )
 
 
+@errors.exit_on_ctrl_c
 def main(argv=None) -> int:
   """Entry point; returns the exit status."""
   args = parse_args(argv)

@@ -20,6 +20,7 @@ and exit status 1.
 import argparse
 import sys
 
+from synthdistill_jax import errors
 from synthdistill_jax import safe_pickle
 from synthdistill_jax.export import student
 
@@ -74,6 +75,7 @@ def export(args: argparse.Namespace) -> None:
     )
 
 
+@errors.exit_on_ctrl_c
 def main(argv: list[str] | None = None) -> int:
   """Runs the tool; returns the exit status."""
   args = parse_args(sys.argv[1:] if argv is None else argv)

@@ -25,6 +25,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from synthdistill_jax import errors
 from synthdistill_jax import experiment
 from synthdistill_jax import progress
 
@@ -36,6 +37,7 @@ flags.DEFINE_integer("seed", 0, "Seed of the static set's latents.")
 progress.define_flag()
 
 
+@errors.exit_on_ctrl_c
 def main(argv) -> None:
   del argv
   from synthdistill_jax.data import static_dataset  # pylint: disable=g-import-not-at-top

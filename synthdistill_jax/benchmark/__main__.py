@@ -21,6 +21,7 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
+from synthdistill_jax import errors
 from synthdistill_jax import experiment
 from synthdistill_jax import progress
 from synthdistill_jax.benchmark import report
@@ -70,6 +71,7 @@ _PEAK_SIZE = flags.DEFINE_integer(
 _PROGRESS = progress.define_flag()
 
 
+@errors.exit_on_ctrl_c
 def main(argv: list[str]) -> None:
   """Runs the benchmark(s) named by the flags and writes the JSON."""
   if len(argv) > 1:

@@ -36,6 +36,7 @@ from absl import flags
 from absl import logging
 import ml_collections
 
+from synthdistill_jax import errors
 from synthdistill_jax import progress
 from synthdistill_jax import safe_pickle
 from synthdistill_jax.data import verification_bin
@@ -187,6 +188,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     _fail(e)
 
 
+@errors.exit_on_ctrl_c
 def main(argv: list[str]) -> None:
   """Validates every input, loads the model, evaluates, writes the report."""
   # Bad input (files, flags, model folder) is one line on stderr and status
