@@ -409,6 +409,12 @@ class PreemptionFlag:
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
       for signum in self.SIGNALS:
+        # An ignored SIGINT (a job a script started with `&`, `nohup`) stays
+        # ignored: only Python's own Ctrl-C handler is replaced.
+        if signum == signal.SIGINT and (
+            signal.getsignal(signum) is not signal.default_int_handler
+        ):
+          continue
         self._previous[signum] = signal.signal(signum, self._handle)
     return self
 

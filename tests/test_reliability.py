@@ -11,6 +11,7 @@ static-sampler resume that re-reads the set.
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -651,3 +652,20 @@ def test_run_resumes_across_optimiser_layouts(tmp_path, capsys):
   assert not (workdir / "checkpoints.corrupt").exists()
   steps = [r["step"] for r in metrics_io.read_metrics(workdir, "train")]
   assert steps == list(range(1, 7))
+
+
+def test_preemption_flag_takes_sigterm_and_leaves_an_ignored_ctrl_c():
+  previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    with checkpoints.PreemptionFlag() as flag:
+      # A job started with `&` by a script ignores Ctrl-C: it still does.
+      assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+      assert not flag.is_set()
+      os.kill(os.getpid(), signal.SIGTERM)
+      deadline = time.time() + 10
+      while not flag.is_set() and time.time() < deadline:
+        time.sleep(0.01)
+      assert flag.is_set() and flag.signal_name == "SIGTERM"
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGINT, previous)
