@@ -118,3 +118,16 @@ def test_changed_bytes_in_the_variables_are_refused(saved, tmp_path):
   (old / "model.json").write_text(json.dumps(config))
   _, got = models.load(old)
   assert jax.tree.all(jax.tree.map(np.array_equal, got, variables))
+
+
+def test_checksums_that_are_not_a_map_are_one_line(saved, tmp_path):
+  directory, _ = saved
+  for i, value in enumerate(([1, 2], {"params/fc/bias": 3}, "abc")):
+    copy = tmp_path / str(i)
+    shutil.copytree(directory, copy)
+    config = json.loads((copy / "model.json").read_text())
+    config["checksums"] = value
+    (copy / "model.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError) as e:
+      models.load(copy)
+    _one_line(e, "must map array names to checksum strings")

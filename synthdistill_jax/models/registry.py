@@ -155,6 +155,13 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     )
   if config.get("arch") not in _ARCH_MODULES:
     raise ValueError(f"{path}: unknown architecture {config.get('arch')!r}")
+  sums = config.get(CHECKSUMS, {})
+  if not isinstance(sums, dict) or not all(
+      isinstance(k, str) and isinstance(v, str) for k, v in sums.items()
+  ):
+    raise ValueError(
+        f"{path}: {CHECKSUMS!r} must map array names to checksum strings"
+    )
   return config
 
 
@@ -297,7 +304,7 @@ def load(
   # Folders written before checksums (or by a later algorithm): unchecked.
   checksums = None
   if config.get(CHECKSUM_ALGORITHM) == integrity.ALGORITHM:
-    checksums = dict(config.get(CHECKSUMS) or {})
+    checksums = config.get(CHECKSUMS, {})
   check_variables(
       str(directory),
       variables,
