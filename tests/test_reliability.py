@@ -260,6 +260,20 @@ def _manager(directory):
   return checkpoints.create_manager(directory, keep=3, use_async=False)
 
 
+def _restore_fresh(directory, like):
+  """`restore_latest` by a new manager (a resumed run's), and its lines."""
+  messages = []
+  manager = _manager(directory)
+  try:
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like
+    )
+    restored = checkpoints.restore_latest(manager, target, messages.append)
+  finally:
+    manager.close()
+  return restored, messages
+
+
 def test_damaged_checkpoints_are_set_aside_never_trusted(tmp_path):
   directory = tmp_path / "checkpoints"
   manager = _manager(directory)
@@ -340,13 +354,7 @@ def test_checkpoint_with_changed_bytes_is_set_aside(tmp_path):
   manager.wait_until_finished()
   manager.close()
   flip_bytes_in_largest_array_file(directory / "2")
-  target = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), states[1]
-  )
-  messages = []
-  manager = _manager(directory)
-  restored = checkpoints.restore_latest(manager, target, messages.append)
-  manager.close()
+  restored, messages = _restore_fresh(directory, states[1])
   np.testing.assert_array_equal(restored["w"], states[1]["w"])
   assert len(messages) == 1, messages
   assert "checkpoint 2 cannot be restored (w differs from" in messages[0]
@@ -361,10 +369,7 @@ def test_checkpoint_with_changed_bytes_is_set_aside(tmp_path):
   manager.wait_until_finished()
   manager.close()
   (directory / "3" / checkpoints.STEP_METADATA).write_text("garbage")
-  messages = []
-  manager = _manager(directory)
-  restored = checkpoints.restore_latest(manager, target, messages.append)
-  manager.close()
+  restored, messages = _restore_fresh(directory, states[1])
   np.testing.assert_array_equal(restored["w"], states[1]["w"])
   assert len(messages) == 1, messages
   assert "_CHECKPOINT_METADATA is not valid JSON" in messages[0]
@@ -378,13 +383,7 @@ def test_checkpoint_without_checksums_is_restored_with_a_line(tmp_path):
   manager.save(4, args=ocp.args.StandardSave(_tiny_state(4.0)))
   manager.wait_until_finished()
   manager.close()
-  target = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _tiny_state(0.0)
-  )
-  messages = []
-  manager = _manager(directory)
-  restored = checkpoints.restore_latest(manager, target, messages.append)
-  manager.close()
+  restored, messages = _restore_fresh(directory, _tiny_state(0.0))
   np.testing.assert_array_equal(restored["w"], np.full((4, 3), 4.0))
   assert messages == [
       "checkpoint 4 restored unverified: it has no checksums (written before"

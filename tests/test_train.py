@@ -97,19 +97,25 @@ def _run_main(workdir, *flags, **popen_kw):
   return subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, **popen_kw)
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
+def _start_long_run(workdir):
+  """The tiny run with 1,000 iterations, once it has logged its first."""
   proc = _run_main(
-      tmp_path,
+      workdir,
       "--config.schedule.steps_per_epoch=1000",
       "--config.checkpoint.every_steps=1000",
       stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT,
   )
-  jsonl = tmp_path / "metrics.jsonl"
+  jsonl = workdir / "metrics.jsonl"
   deadline = time.time() + 600
   while not (jsonl.exists() and jsonl.read_text().strip()):
     assert proc.poll() is None and time.time() < deadline
     time.sleep(0.5)
+  return proc
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  proc = _start_long_run(tmp_path)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out
@@ -120,22 +126,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 
 def test_ctrl_c_saves_and_a_second_one_stops_at_once(tmp_path):
   # Ctrl-C sends SIGINT to the process (its group on a terminal).
-  def start(workdir):
-    proc = _run_main(
-        workdir,
-        "--config.schedule.steps_per_epoch=1000",
-        "--config.checkpoint.every_steps=1000",
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    jsonl = workdir / "metrics.jsonl"
-    deadline = time.time() + 600
-    while not (jsonl.exists() and jsonl.read_text().strip()):
-      assert proc.poll() is None and time.time() < deadline
-      time.sleep(0.5)
-    return proc
-
-  proc = start(tmp_path / "once")
+  proc = _start_long_run(tmp_path / "once")
   proc.send_signal(signal.SIGINT)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out
@@ -145,7 +136,7 @@ def test_ctrl_c_saves_and_a_second_one_stops_at_once(tmp_path):
   steps = [int(p.name) for p in (tmp_path / "once" / "checkpoints").iterdir()]
   assert len(steps) == 1 and 1 <= steps[0] < 1000
   # Twice in a row: out at once, one line, exit 130.
-  proc = start(tmp_path / "twice")
+  proc = _start_long_run(tmp_path / "twice")
   proc.send_signal(signal.SIGINT)
   # Two signals before Python's handler runs count as one.
   time.sleep(2)
