@@ -222,7 +222,7 @@ def check_variables(
       if k not in got
   ]
   problems += [f"unexpected array {k}" for k in got if k not in want]
-  nonfinite = []
+  nonfinite = {}
   for k in (k for k in want if k in got):
     found, spec = got[k], want[k]
     if tuple(np.shape(found)) != tuple(spec.shape):
@@ -237,16 +237,18 @@ def check_variables(
       )
     elif not allow_nonfinite and not np.isfinite(found).all():
       bad = int(np.size(found) - np.count_nonzero(np.isfinite(found)))
-      nonfinite.append(f"array {k} has {bad} non-finite value(s) (NaN/Inf)")
+      nonfinite[k] = f"array {k} has {bad} non-finite value(s) (NaN/Inf)"
   if checksums is not None and not problems:
     # Before NaN/Inf: changed bytes can read as NaN, and the cause is the
-    # file, not the model.
+    # file, not the model (such an array is named once).
+    changed = integrity.mismatches(checksums, integrity.checksums(variables))
     problems += [
         f"array {k} differs from its checksum in model.json: the files"
         " changed after they were written (convert or export it again)"
-        for k in integrity.mismatches(checksums, integrity.checksums(variables))
+        for k in changed
     ]
-  problems += nonfinite
+    nonfinite = {k: v for k, v in nonfinite.items() if k not in changed}
+  problems += list(nonfinite.values())
   if problems:
     more = len(problems) - 1
     raise ValueError(
