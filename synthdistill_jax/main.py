@@ -158,8 +158,15 @@ def main(argv) -> None:
   except checkpoints.CheckpointError as e:
     # Checkpoints exist but none can be restored: never a silent restart.
     _fail(str(e), status=2)
-  except (errors.ConfigError, train.TrainingDiverged) as e:
+  except (errors.ConfigError, train.TrainingDiverged, train.WriteFailed) as e:
     _fail(str(e))
+  except OSError as e:
+    # Metrics, reports, the face grid: the workdir became unwritable.
+    _fail(
+        f"{e.filename or FLAGS.workdir}: {e.strerror or e}; checkpoints"
+        " already written are kept: fix the cause and run the same command"
+        " to resume"
+    )
   except KeyboardInterrupt:
     # Ctrl-C before the loop, or a second one in it: nothing after the
     # last checkpoint is kept, the checkpoints themselves are.

@@ -11,14 +11,17 @@ replicated jit arguments, never state.
 """
 
 import dataclasses
+import errno
 import math
 import os
+import re
 import sys
 import time
 from typing import Any, Callable
 
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import tqdm
 
@@ -37,6 +40,39 @@ ConfigError = experiment.ConfigError
 
 class TrainingDiverged(RuntimeError):
   """The loss became non-finite; the last good checkpoint is kept."""
+
+
+class WriteFailed(RuntimeError):
+  """A checkpoint or the student could not be written (disk full, access).
+
+  The message is one line naming the workdir, the cause and the newest
+  complete checkpoint, which a rerun resumes from.
+  """
+
+
+def _write_failed(manager, workdir, what: str, error: BaseException):
+  """`WriteFailed` for `error`, naming the OS error tensorstore reports."""
+  text = str(error)
+  code = re.search(r"os_error_code='(\d+)'", text)
+  if isinstance(error, OSError) and error.strerror:
+    cause = f"{error.strerror}: {error.filename or ''}".rstrip(": ")
+  elif code:
+    cause = os.strerror(int(code.group(1)))
+  else:
+    cause = (text.strip().splitlines() or [""])[0][:300]
+  try:
+    latest = manager.latest_step()
+  except Exception:  # pylint: disable=broad-except
+    latest = None
+  newest = (
+      f"checkpoint {latest} is the newest complete one"
+      if latest is not None
+      else "no checkpoint is complete"
+  )
+  return WriteFailed(
+      f"{what} in {workdir} failed ({cause}); {newest}:"
+      " free space or restore access, then run the same command to resume"
+  )
 
 
 @dataclasses.dataclass
@@ -220,20 +256,83 @@ def _report_info(run: _Run, step: int, **extra) -> dict:
   )
 
 
+def _nbytes(tree) -> int:
+  return sum(
+      math.prod(x.shape) * np.dtype(x.dtype).itemsize
+      for x in jax.tree.leaves(tree)
+  )
+
+
+# Room kept free beyond a save's arrays (metadata, manifests, the reports).
+_SPARE_BYTES = 64 << 20
+
+
+def check_free_space(workdir, need: int, step: int, manager) -> None:
+  """Refuses a save that cannot fit on the workdir's file system.
+
+  A write that runs out of space half-way leaves orbax's background
+  threads printing tracebacks; checked first, it is one line and nothing
+  is written. Local workdirs only (a bucket has no free space to ask).
+  With several processes, all of them refuse if any would.
+
+  Args:
+    workdir: the run's workdir.
+    need: bytes the save writes (the arrays, uncompressed).
+    step: the iteration being saved (for the message).
+    manager: the checkpoint manager (names the newest checkpoint).
+
+  Raises:
+    WriteFailed: less than `need` plus a margin is free.
+  """
+  free = None
+  if "://" not in os.fspath(workdir):
+    stat = os.statvfs(os.fspath(workdir))
+    free = stat.f_bavail * stat.f_frsize
+  short = free is not None and free < need + _SPARE_BYTES
+  if jax.process_count() > 1:
+    short = bool(multihost_utils.process_allgather(int(short)).max())
+  if short:
+    mib = lambda n: f"{n / 2**20:,.0f} MiB"
+    shown = mib(free) if free is not None else "too little"
+    raise _write_failed(
+        manager,
+        workdir,
+        f"saving iteration {step}",
+        OSError(
+            errno.ENOSPC,
+            f"it needs about {mib(need + _SPARE_BYTES)}, {shown} free on"
+            " this host",
+        ),
+    )
+
+
 def _save(run: _Run, state, step: int) -> None:
-  """Checkpoint plus the `WORKDIR/student` model folder."""
-  checkpoints.save(run.manager, state)
-  student = run.exp.student
-  host = sharding.to_host(
-      {"params": state.params, "batch_stats": state.batch_stats}
+  """Checkpoint plus the `WORKDIR/student` model folder.
+
+  Raises:
+    WriteFailed: either could not be written (a full disk, lost access).
+  """
+  student_vars = {"params": state.params, "batch_stats": state.batch_stats}
+  check_free_space(
+      run.workdir, _nbytes(state) + _nbytes(student_vars), step, run.manager
   )
-  checkpoints.export_student(
-      run.workdir,
-      student.arch,
-      student.kwargs,
-      host,
-      {"step": step, "config": run.config.name},
-  )
+  try:
+    checkpoints.save(run.manager, state)
+    student = run.exp.student
+    host = sharding.to_host(student_vars)
+    checkpoints.export_student(
+        run.workdir,
+        student.arch,
+        student.kwargs,
+        host,
+        {"step": step, "config": run.config.name},
+    )
+  except (OSError, ValueError, RuntimeError) as e:
+    # orbax and tensorstore report a failed write as ValueError (e.g.
+    # "RESOURCE_EXHAUSTED: ... No space left on device") or RuntimeError.
+    raise _write_failed(
+        run.manager, run.workdir, f"saving iteration {step}", e
+    ) from e
 
 
 def enable_compilation_cache(config, workdir: epath.Path) -> str | None:
@@ -361,9 +460,14 @@ def _train(config, workdir: epath.Path, log) -> TrainResult:
   try:
     result = _loop(run, state)
   finally:
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
+    try:
+      # An asynchronous save's error surfaces here.
+      manager.wait_until_finished()
+    except (OSError, ValueError, RuntimeError) as e:
+      raise _write_failed(manager, workdir, "saving a checkpoint", e) from e
+    finally:
+      manager.close()
+      writer.close()
   report.write_run_report(
       workdir,
       config,

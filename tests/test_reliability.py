@@ -668,3 +668,42 @@ def test_preemption_flag_takes_sigterm_and_leaves_an_ignored_ctrl_c():
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
   finally:
     signal.signal(signal.SIGINT, previous)
+
+
+def test_a_save_that_cannot_fit_is_one_line_before_anything_is_written(
+    tmp_path, monkeypatch
+):
+  # A full disk half-way through an orbax write leaves its threads printing
+  # tracebacks: the free space is checked first.
+  real_statvfs = os.statvfs
+
+  class Full:
+
+    def __init__(self, path):
+      stat = real_statvfs(path)
+      self.f_frsize, self.f_bavail = stat.f_frsize, 10
+
+  monkeypatch.setattr(train.os, "statvfs", Full)
+  workdir = tmp_path / "run"
+  with pytest.raises(train.WriteFailed) as info:
+    train.train_and_evaluate(tiny.tiny_config(), str(workdir))
+  message = _one_line_error(str(info.value))
+  assert message.startswith(f"saving iteration 2 in {workdir} failed (")
+  assert "MiB free on this host); no checkpoint is complete" in message
+  assert not list((workdir / "checkpoints").iterdir())
+  assert not (workdir / "student").exists()
+
+
+def test_a_workdir_file_that_cannot_be_written_is_one_line(tmp_path):
+  # `tb` taken by a file: TensorBoard's writer fails once the run has begun.
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "tb").write_text("not a folder")
+  proc = _main(TINY, f"--workdir={workdir}")
+  _, err = proc.communicate(timeout=600)
+  assert proc.returncode == 1
+  message = _one_line_error(
+      "\n".join(l for l in err.splitlines() if not l.startswith("mesh:"))
+  )
+  assert message.startswith(f"error: {workdir / 'tb'}/events.out.tfevents")
+  assert ": Not a directory; checkpoints already written are kept" in message
