@@ -707,3 +707,34 @@ def test_a_workdir_file_that_cannot_be_written_is_one_line(tmp_path):
   )
   assert message.startswith(f"error: {workdir / 'tb'}/events.out.tfevents")
   assert ": Not a directory; checkpoints already written are kept" in message
+
+
+def test_a_failed_write_is_one_line_and_a_bug_keeps_its_traceback(
+    tmp_path, monkeypatch
+):
+  def fail_with(error):
+    def export_student(*args, **kwargs):
+      del args, kwargs
+      raise error
+
+    return export_student
+
+  # How tensorstore words a full disk under orbax.
+  full = ValueError(
+      'RESOURCE_EXHAUSTED: Error writing "params.w/0" in OCDBT database:'
+      " Failed to write 811863 bytes to file 23: No space left on device"
+      " [os_error_code='28']"
+  )
+  monkeypatch.setattr(checkpoints, "export_student", fail_with(full))
+  with pytest.raises(train.WriteFailed) as info:
+    train.train_and_evaluate(tiny.tiny_config(), str(tmp_path / "full"))
+  message = _one_line_error(str(info.value))
+  assert "saving iteration 2 in" in message
+  assert "failed (No space left on device); checkpoint 2 is the newest" in (
+      message
+  )
+  # Any other error is ours: it keeps its type and traceback.
+  bug = ValueError("shapes (3,) and (4,) not aligned")
+  monkeypatch.setattr(checkpoints, "export_student", fail_with(bug))
+  with pytest.raises(ValueError, match="not aligned"):
+    train.train_and_evaluate(tiny.tiny_config(), str(tmp_path / "bug"))

@@ -2,8 +2,8 @@
 
 A model folder holds `model.json` (which architecture, with which constructor
 arguments, a checksum per array, plus free-form metadata such as where it was
-converted from) and `variables/`, an orbax checkpoint of the Flax variables. Reading it back needs
-neither PyTorch nor the original checkpoint:
+converted from) and `variables/`, an orbax checkpoint of the Flax variables.
+Reading it back needs neither PyTorch nor the original checkpoint:
 
   module, variables = synthdistill_jax.models.load(directory)
   emb = module.apply(variables, x_nhwc)
