@@ -58,7 +58,7 @@ def test_every_changed_bit_changes_the_checksum():
       assert got["x"] != want, (i, bit)
       seen.add(got["x"])
   assert len(seen) == words.size * 32
-  # Two elements swapped, and the same values in another shape.
+  # Two elements swapped.
   swapped = x.copy().reshape(-1)
   swapped[[3, 20]] = swapped[[20, 3]]
   assert integrity.checksums({"x": swapped.reshape(x.shape)})["x"] != want
