@@ -11,7 +11,6 @@ replicated jit arguments, never state.
 """
 
 import dataclasses
-import errno
 import math
 import os
 import re
@@ -72,19 +71,21 @@ def _write_failed(manager, workdir, what: str, error: BaseException):
     cause = os.strerror(int(code.group(1)))
   else:
     cause = (text.strip().splitlines() or [""])[0][:300]
+  return WriteFailed(
+      f"{what} in {workdir} failed ({cause}); {_newest(manager)}:"
+      " free space or restore access, then run the same command to resume"
+  )
+
+
+def _newest(manager) -> str:
+  """Which checkpoint a rerun resumes from, for a message."""
   try:
     latest = manager.latest_step()
   except Exception:  # pylint: disable=broad-except
     latest = None
-  newest = (
-      f"checkpoint {latest} is the newest complete one"
-      if latest is not None
-      else "no checkpoint is complete"
-  )
-  return WriteFailed(
-      f"{what} in {workdir} failed ({cause}); {newest}:"
-      " free space or restore access, then run the same command to resume"
-  )
+  if latest is None:
+    return "no checkpoint is complete"
+  return f"checkpoint {latest} is the newest complete one"
 
 
 @dataclasses.dataclass
@@ -268,10 +269,12 @@ def _report_info(run: _Run, step: int, **extra) -> dict:
   )
 
 
-def _nbytes(tree) -> int:
+def _save_bytes(state) -> int:
+  """Bytes a save writes: the state, and the student's variables again."""
+  student = (state.params, state.batch_stats)
   return sum(
       math.prod(x.shape) * np.dtype(x.dtype).itemsize
-      for x in jax.tree.leaves(tree)
+      for x in jax.tree.leaves((state, student))
   )
 
 
@@ -279,18 +282,20 @@ def _nbytes(tree) -> int:
 _SPARE_BYTES = 64 << 20
 
 
-def check_free_space(workdir, need: int, step: int, manager) -> None:
+def check_free_space(workdir, need: int, when: str, manager) -> None:
   """Refuses a save that cannot fit on the workdir's file system.
 
   A write that runs out of space half-way leaves orbax's background
   threads printing tracebacks; checked first, it is one line and nothing
-  is written. Local workdirs only (a bucket has no free space to ask).
-  With several processes, all of them refuse if any would.
+  is written. Checked before the first iteration (so that no training is
+  lost to a disk that is already too full) and before every save. Local
+  workdirs only (a bucket has no free space to ask). With several
+  processes, all of them refuse if any would.
 
   Args:
     workdir: the run's workdir.
-    need: bytes the save writes (the arrays, uncompressed).
-    step: the iteration being saved (for the message).
+    need: bytes a save writes (the arrays, uncompressed).
+    when: what was about to happen, for the message.
     manager: the checkpoint manager (names the newest checkpoint).
 
   Raises:
@@ -306,15 +311,11 @@ def check_free_space(workdir, need: int, step: int, manager) -> None:
   if short:
     mib = lambda n: f"{n / 2**20:,.0f} MiB"
     shown = mib(free) if free is not None else "too little"
-    raise _write_failed(
-        manager,
-        workdir,
-        f"saving iteration {step}",
-        OSError(
-            errno.ENOSPC,
-            f"it needs about {mib(need + _SPARE_BYTES)}, {shown} free on"
-            " this host",
-        ),
+    raise WriteFailed(
+        f"{when}: a checkpoint in {workdir} needs about"
+        f" {mib(need + _SPARE_BYTES)}, {shown} free on this host;"
+        f" {_newest(manager)}: free space, then run the same command to"
+        " resume"
     )
 
 
@@ -324,14 +325,15 @@ def _save(run: _Run, state, step: int) -> None:
   Raises:
     WriteFailed: either could not be written (a full disk, lost access).
   """
-  student_vars = {"params": state.params, "batch_stats": state.batch_stats}
   check_free_space(
-      run.workdir, _nbytes(state) + _nbytes(student_vars), step, run.manager
+      run.workdir, _save_bytes(state), f"saving iteration {step}", run.manager
   )
   try:
     checkpoints.save(run.manager, state)
     student = run.exp.student
-    host = sharding.to_host(student_vars)
+    host = sharding.to_host(
+        {"params": state.params, "batch_stats": state.batch_stats}
+    )
     checkpoints.export_student(
         run.workdir,
         student.arch,
@@ -437,6 +439,9 @@ def _train(config, workdir: epath.Path, log) -> TrainResult:
   )
   state = exp.state
   try:
+    check_free_space(
+        workdir, _save_bytes(state), "before the first iteration", manager
+    )
     restored = checkpoints.restore_latest(
         manager,
         experiment.abstract_state(state, exp.state_shardings),

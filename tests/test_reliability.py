@@ -688,10 +688,14 @@ def test_a_save_that_cannot_fit_is_one_line_before_anything_is_written(
   with pytest.raises(train.WriteFailed) as info:
     train.train_and_evaluate(tiny.tiny_config(), str(workdir))
   message = _one_line_error(str(info.value))
-  assert message.startswith(f"saving iteration 2 in {workdir} failed (")
-  assert "MiB free on this host); no checkpoint is complete" in message
+  # Before any iteration: no training is lost to it.
+  assert message.startswith(
+      f"before the first iteration: a checkpoint in {workdir} needs about"
+  )
+  assert "MiB free on this host; no checkpoint is complete" in message
   assert not list((workdir / "checkpoints").iterdir())
   assert not (workdir / "student").exists()
+  assert not (workdir / "metrics.jsonl").exists()
 
 
 def test_a_workdir_file_that_cannot_be_written_is_one_line(tmp_path):
