@@ -29,6 +29,17 @@ STAGES = (
 )
 
 
+def _demo_command(*flags: str) -> list[str]:
+  """The benchmark CLI on the demo config, with `flags`."""
+  return [
+      sys.executable,
+      "-m",
+      "synthdistill_jax.benchmark",
+      "--config=configs/demo.py",
+      *flags,
+  ]
+
+
 def test_look_up_datasheet_matches_device_kinds():
   h100 = timing.look_up_datasheet("NVIDIA H100 80GB HBM3", "bfloat16")
   assert h100 == pytest.approx(989.4e12)
@@ -199,14 +210,10 @@ def test_cli_refuses_profile_dir_beside_a_libtpu_jax_does_not_pin(tmp_path):
   )
   output = tmp_path / "bench.json"
   result = subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "synthdistill_jax.benchmark",
-          "--config=configs/demo.py",
+      _demo_command(
           f"--profile_dir={tmp_path / 'profile'}",
           f"--output={output}",
-      ],
+      ),
       cwd=ROOT,
       capture_output=True,
       text=True,
@@ -261,11 +268,7 @@ def test_cli_on_the_demo_config_writes_table_and_json(tmp_path):
   # The demo config at batch 8 (one face per simulated device); the student is
   # swapped for a tiny IResNet so that compiling its backward pass stays
   # within the test budget on 2 cores.
-  command = [
-      sys.executable,
-      "-m",
-      "synthdistill_jax.benchmark",
-      "--config=configs/demo.py",
+  command = _demo_command(
       "--config.student.arch=iresnet18",
       "--config.student.kwargs.layers=(1,1,1,1)",
       "--config.student.kwargs.widths=(8,8,8,8)",
@@ -275,7 +278,7 @@ def test_cli_on_the_demo_config_writes_table_and_json(tmp_path):
       "--iters=1",
       "--peak_size=256",
       f"--output={output}",
-  ]
+  )
   # A log line for every progress update, however quick (not a terminal).
   env = dict(os.environ, SYNTHDISTILL_PROGRESS_EVERY_S="0")
   result = subprocess.run(
@@ -323,13 +326,7 @@ def test_cli_on_the_demo_config_writes_table_and_json(tmp_path):
 
 def test_ctrl_c_is_one_line_and_status_130(tmp_path):
   # Ctrl-C while it builds the networks: no traceback, the shell's status.
-  command = [
-      sys.executable,
-      "-m",
-      "synthdistill_jax.benchmark",
-      "--config=configs/demo.py",
-      f"--output={tmp_path / 'bench.json'}",
-  ]
+  command = _demo_command(f"--output={tmp_path / 'bench.json'}")
   env = dict(os.environ, SYNTHDISTILL_PROGRESS_EVERY_S="0")
   proc = subprocess.Popen(
       command,
