@@ -41,13 +41,14 @@ def get_config(arg: str | None = None):
   if student not in STUDENTS:
     raise ValueError(
         f"configs/synthdistill.py: unknown preset {arg!r}; known:"
-        f" {', '.join(presets())}"
+        f" {', '.join(presets())}, or a bare student name"
+        f" ({', '.join(STUDENTS)}) for its _resample preset"
     )
   config = defaults.base_config()
   config.name = f"synthdistill_{student}_{sampler}"
   config.student.arch = student
   config.sampler.kind = sampler
   # The frozen networks must come from converted checkpoints.
-  config.generator.checkpoint = "REQUIRED: --config.generator.checkpoint=DIR"
-  config.teacher.checkpoint = "REQUIRED: --config.teacher.checkpoint=DIR"
+  config.generator.checkpoint = defaults.required("generator.checkpoint")
+  config.teacher.checkpoint = defaults.required("teacher.checkpoint")
   return config

@@ -392,7 +392,9 @@ class PreemptionFlag:
   SIGTERM (preemption) and the first SIGINT (Ctrl-C) set the flag: the loop
   saves at the next iteration boundary and stops. The first Ctrl-C says so
   on stderr and gives SIGINT back to its previous handler, so that a second
-  one interrupts at once (Python's `KeyboardInterrupt`), without a save.
+  one interrupts at once (Python's `KeyboardInterrupt`, delivered again if
+  it lands in a finaliser: `errors.redeliver_swallowed_ctrl_c`), without a
+  save.
   Use as a context manager; the previous handlers are restored on exit.
 
   Attributes:

@@ -10,6 +10,16 @@ import ml_collections
 
 from synthdistill_jax.evaluation import settings
 
+# How a config marks a path the user must give (`required`): a string, so
+# that `--config.FIELD=DIR` overrides it as any other, but one that the
+# checks recognise and answer with the flag to set instead of a missing path.
+REQUIRED_PREFIX = "REQUIRED: "
+
+
+def required(field: str) -> str:
+  """The placeholder of a folder `field` that has no default."""
+  return f"{REQUIRED_PREFIX}--config.{field}=DIR"
+
 
 def base_config() -> ml_collections.ConfigDict:
   """The paper's settings (SynthDistill, IJCB 2023), before the presets."""

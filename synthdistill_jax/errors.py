@@ -5,8 +5,11 @@ else that escapes is a bug and keeps its traceback. Ctrl-C is the user's,
 not a bug: `exit_on_ctrl_c` makes it one line and exit status 130.
 """
 
+import _thread
 import functools
+import signal
 import sys
+import threading
 
 # The shell's status for a process ended by SIGINT (128 + 2).
 INTERRUPTED_STATUS = 130
@@ -41,6 +44,48 @@ def check_choice(value: str, choices, field: str, note: str = "") -> str:
   return value
 
 
+def _redeliver_ctrl_c(unraisable) -> None:
+  """`sys.unraisablehook` that sends a swallowed Ctrl-C to the main thread.
+
+  Python raises Ctrl-C's `KeyboardInterrupt` wherever the main thread is;
+  inside a weakref callback or a `__del__` (a garbage collection at that
+  moment) it cannot propagate: Python prints "Exception ignored in ...",
+  a traceback, and goes on as if no key was pressed. Delivered again, it
+  is raised at the next Python line of the main thread instead: from a
+  timer thread once this hook has returned (raised in the hook it would be
+  swallowed again; landing in a finaliser again, it comes back here).
+  """
+  if issubclass(unraisable.exc_type, KeyboardInterrupt):
+    timer = threading.Timer(_REDELIVERY_DELAY_S, _thread.interrupt_main)
+    timer.daemon = True
+    timer.start()
+    return
+  _previous_unraisablehook(unraisable)
+
+
+_previous_unraisablehook = sys.unraisablehook
+# Long enough for the main thread to leave the finaliser and this hook.
+_REDELIVERY_DELAY_S = 0.05
+
+
+def redeliver_swallowed_ctrl_c() -> None:
+  """Installs `_redeliver_ctrl_c` (once; other unraisables as before)."""
+  global _previous_unraisablehook
+  if sys.unraisablehook is not _redeliver_ctrl_c:
+    _previous_unraisablehook = sys.unraisablehook
+    sys.unraisablehook = _redeliver_ctrl_c
+
+
+def ignore_further_ctrl_c() -> None:
+  """Ignores Ctrl-C from now on: for a command that is stopping for one.
+
+  Another Ctrl-C (or one delivered again) could only interrupt the exit
+  itself, into a traceback or a death by SIGINT instead of status 130.
+  """
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def exit_on_ctrl_c(main):
   """Wraps a command's `main`: Ctrl-C is one line on stderr and exit 130.
 
@@ -48,14 +93,18 @@ def exit_on_ctrl_c(main):
     main: the entry point.
 
   Returns:
-    `main`, with `KeyboardInterrupt` turned into `SystemExit(130)`.
+    `main`, with `KeyboardInterrupt` turned into `SystemExit(130)` (also
+    one that Python raised in a finaliser: `redeliver_swallowed_ctrl_c`),
+    after which SIGINT is ignored.
   """
 
   @functools.wraps(main)
   def wrapped(*args, **kwargs):
+    redeliver_swallowed_ctrl_c()
     try:
       return main(*args, **kwargs)
     except KeyboardInterrupt:
+      ignore_further_ctrl_c()
       print("\ninterrupted (Ctrl-C)", file=sys.stderr, flush=True)
       sys.exit(INTERRUPTED_STATUS)
 

@@ -140,6 +140,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv) -> None:
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  # A second Ctrl-C must stop the run even when it lands in a finaliser.
+  errors.redeliver_swallowed_ctrl_c()
   if not FLAGS["verbosity"].present:
     # orbax logs every save at INFO; keep the console to the progress bar.
     logging.set_verbosity(logging.WARNING)
@@ -170,6 +172,7 @@ def main(argv) -> None:
   except KeyboardInterrupt:
     # Ctrl-C before the loop, or a second one in it: nothing after the
     # last checkpoint is kept, the checkpoints themselves are.
+    errors.ignore_further_ctrl_c()
     _fail(
         "interrupted (Ctrl-C) before a checkpoint of the last iterations;"
         " run the same command to resume from the latest one",

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from synthdistill_jax import defaults
 from synthdistill_jax import distill
 from synthdistill_jax import errors
 from synthdistill_jax import faces
@@ -71,8 +72,21 @@ def check_model_folder(directory: str, field: str, expect_arch=None) -> dict:
   Returns:
     The parsed `model.json`.
   """
+  # Which tool writes a folder of this kind, for the messages.
+  writer = {
+      GENERATOR_ARCH: "tools/convert_stylegan2.py",
+      "face": "tools/convert_face_model.py",
+  }.get(expect_arch, "tools/convert_*.py")
+  if str(directory).startswith(defaults.REQUIRED_PREFIX):
+    raise ConfigError(
+        f"{field} is not set: give --config.{field}=DIR, a folder written by"
+        f" {writer} (README: Converting real checkpoints)"
+    )
   if not os.path.isdir(directory):
-    raise ConfigError(f"{field}={directory!r}: no such checkpoint folder")
+    raise ConfigError(
+        f"{field}={directory!r}: no such checkpoint folder (write one with"
+        f" {writer})"
+    )
   try:
     config = registry.read_config(directory)
   except (FileNotFoundError, ValueError) as e:

@@ -358,9 +358,16 @@ def test_exit_on_ctrl_c_keeps_results_and_other_errors():
       raise ValueError("a bug keeps its traceback")
     return value
 
-  assert main(3) == 3
-  with pytest.raises(SystemExit) as info:
-    main(None)
-  assert info.value.code == errors.INTERRUPTED_STATUS
+  handler, hook = signal.getsignal(signal.SIGINT), sys.unraisablehook
+  try:
+    assert main(3) == 3
+    with pytest.raises(SystemExit) as info:
+      main(None)
+    assert info.value.code == errors.INTERRUPTED_STATUS
+    # Stopping: a further Ctrl-C cannot interrupt the exit.
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGINT, handler)
+    sys.unraisablehook = hook
   with pytest.raises(ValueError, match="keeps its traceback"):
     main(-1)

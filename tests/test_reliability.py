@@ -670,6 +670,42 @@ def test_preemption_flag_takes_sigterm_and_leaves_an_ignored_ctrl_c():
     signal.signal(signal.SIGINT, previous)
 
 
+# A Ctrl-C that Python raises inside a finaliser (here: `__del__`, as the
+# garbage collector or a weakref callback may run at any moment).
+_CTRL_C_IN_A_FINALISER = """
+import signal, time
+from synthdistill_jax import errors
+
+class Finalised:
+  def __del__(self):
+    signal.default_int_handler(signal.SIGINT, None)
+
+@errors.exit_on_ctrl_c
+def main():
+  Finalised()
+  for _ in range(500):
+    time.sleep(0.01)
+  print("went on as if no key was pressed")
+
+main()
+"""
+
+
+def test_a_ctrl_c_raised_in_a_finaliser_still_stops_the_command():
+  # Unhandled, Python prints "Exception ignored in" with a traceback and
+  # the command goes on (seen as a second Ctrl-C that did not stop a run).
+  proc = subprocess.run(
+      [sys.executable, "-c", _CTRL_C_IN_A_FINALISER],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
+  assert proc.returncode == errors.INTERRUPTED_STATUS, proc.stderr
+  assert "went on" not in proc.stdout
+  assert proc.stderr.strip() == "interrupted (Ctrl-C)"
+
+
 def test_a_save_that_cannot_fit_is_one_line_before_anything_is_written(
     tmp_path, monkeypatch
 ):
