@@ -61,6 +61,40 @@ def _kwargs(cfg, field: str = "kwargs") -> dict:
   return dict(value.to_dict() if hasattr(value, "to_dict") else value)
 
 
+def _writer(expect_arch) -> str:
+  """The tool that writes a model folder of this kind, for messages."""
+  return {
+      GENERATOR_ARCH: "tools/convert_stylegan2.py",
+      "face": "tools/convert_face_model.py",
+  }.get(expect_arch, "tools/convert_*.py")
+
+
+def is_unset(directory) -> bool:
+  """Whether a folder field still holds its config's `defaults.required`."""
+  return str(directory).startswith(defaults.REQUIRED_PREFIX)
+
+
+def unset_error(fields) -> ConfigError:
+  """One line naming every unset folder field and the flag that sets it.
+
+  Args:
+    fields: `(field, expect_arch)` pairs, as `check_model_folder` takes.
+
+  Returns:
+    The error to raise.
+  """
+  names = " and ".join(field for field, _ in fields)
+  flags = ", ".join(
+      f"--config.{field}=DIR (written by {_writer(kind)})"
+      for field, kind in fields
+  )
+  verb = "is" if len(fields) == 1 else "are"
+  return ConfigError(
+      f"{names} {verb} not set: give {flags}; README: Converting real"
+      " checkpoints"
+  )
+
+
 def check_model_folder(directory: str, field: str, expect_arch=None) -> dict:
   """Checks a model folder and returns its `model.json`.
 
@@ -72,20 +106,12 @@ def check_model_folder(directory: str, field: str, expect_arch=None) -> dict:
   Returns:
     The parsed `model.json`.
   """
-  # Which tool writes a folder of this kind, for the messages.
-  writer = {
-      GENERATOR_ARCH: "tools/convert_stylegan2.py",
-      "face": "tools/convert_face_model.py",
-  }.get(expect_arch, "tools/convert_*.py")
-  if str(directory).startswith(defaults.REQUIRED_PREFIX):
-    raise ConfigError(
-        f"{field} is not set: give --config.{field}=DIR, a folder written by"
-        f" {writer} (README: Converting real checkpoints)"
-    )
+  if is_unset(directory):
+    raise unset_error([(field, expect_arch)])
   if not os.path.isdir(directory):
     raise ConfigError(
         f"{field}={directory!r}: no such checkpoint folder (write one with"
-        f" {writer})"
+        f" {_writer(expect_arch)})"
     )
   try:
     config = registry.read_config(directory)

@@ -131,6 +131,10 @@ def check_paths(config) -> None:
         (config.generator.checkpoint, "generator.checkpoint", "stylegan2"),
         (config.teacher.checkpoint, "teacher.checkpoint", "face"),
     ]
+  # Every folder the config still lacks in one line, not one per run.
+  unset = [(f, kind) for d, f, kind in folders if networks.is_unset(d)]
+  if unset:
+    raise networks.unset_error(unset)
   for directory, field, kind in folders:
     if directory:
       networks.check_model_folder(directory, field, kind)

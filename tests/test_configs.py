@@ -114,17 +114,23 @@ def test_bad_configs_fail_with_one_line(tmp_path):
   assert "student.arch='resnet9000'" in _error(config)
   config = synthdistill.get_config("tinyfar_a")
   config.generator.checkpoint = str(tmp_path / "missing")
+  config.teacher.checkpoint = ""  # A random teacher.
   assert "generator.checkpoint=" in _error(config)
   assert "no such checkpoint folder (write one with tools/convert_" in (
       _error(config)
   )
-  # The paper config without its frozen networks names the flags to give.
+  # The paper config without its frozen networks names the flags to give,
+  # all of them at once.
   config = synthdistill.get_config("tinyfar_a")
   assert _error(config) == (
-      "generator.checkpoint is not set: give"
-      " --config.generator.checkpoint=DIR, a folder written by"
-      " tools/convert_stylegan2.py (README: Converting real checkpoints)"
+      "generator.checkpoint and teacher.checkpoint are not set: give"
+      " --config.generator.checkpoint=DIR (written by"
+      " tools/convert_stylegan2.py), --config.teacher.checkpoint=DIR"
+      " (written by tools/convert_face_model.py); README: Converting real"
+      " checkpoints"
   )
+  config.generator.checkpoint = str(tmp_path)
+  assert _error(config).startswith("teacher.checkpoint is not set: give")
   config = test_train.tiny_config(**{"schedule.batch_size": 12})
   assert "not divisible by the 8 devices" in _error(config, 8)
   config = test_train.tiny_config(**{"sampler.kind": "static"})
