@@ -200,6 +200,27 @@ def use_random_weights(config, force: bool) -> str:
   return ", ".join(notes) if notes else "checkpoints"
 
 
+def check_static_set(config, emb_dim: int) -> None:
+  """Raises `ConfigError` unless the static set can feed this student.
+
+  Args:
+    config: the experiment config (`sampler.static_dataset`).
+    emb_dim: the student's embedding size.
+  """
+  from synthdistill_jax.data import static_dataset  # pylint: disable=g-import-not-at-top
+
+  path = config.sampler.static_dataset
+  try:
+    static_dataset.StaticDataset(path).check_features(emb_dim)
+  except Exception as e:  # pylint: disable=broad-except
+    # Whatever TFDS raises on a folder of other files is the user's to fix.
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    reason = reason.removeprefix(f"{path}: ")
+    if not isinstance(e, (OSError, ValueError)):
+      reason = f"not a readable TFDS dataset ({type(e).__name__}: {reason})"
+    raise ConfigError(f"sampler.static_dataset={path!r}: {reason}") from None
+
+
 def describe_weights(config) -> str:
   """Where a config's frozen weights come from (no swap)."""
   notes = []
@@ -505,16 +526,19 @@ def create(
   mesh = create_mesh(config, devices)
   check_config(config, mesh.size)
   platform = mesh.devices.flat[0].platform
+  # On abstract networks first (seconds): the real builds compile the
+  # initialisers and calibrate a random teacher, 50 s on 2 cores for the
+  # demo before a mismatch would show.
+  abstract_student = networks.build_student(
+      config.student, config.seed, abstract=True, platform=platform
+  )
   if config.sampler.kind != "static":
-    # On abstract networks first (seconds): the real builds compile the
-    # initialisers and calibrate a random teacher, 50 s on 2 cores for the
-    # demo before a mismatch would show.
     networks.check_embedding_sizes(
         networks.build_teacher(config.teacher, abstract=True),
-        networks.build_student(
-            config.student, config.seed, abstract=True, platform=platform
-        ),
+        abstract_student,
     )
+  else:
+    check_static_set(config, networks.embedding_size(abstract_student))
   student = networks.build_student(
       config.student, config.seed, abstract, platform=platform
   )

@@ -470,16 +470,20 @@ def create_renderer(spec, mesh, num: int):
   return lambda gen_vars, key: sharding.to_host(render(gen_vars, key))
 
 
-def check_embedding_sizes(teacher: Network, student: Network) -> None:
-  """Raises `ConfigError` unless teacher and student embed to the same size."""
+def embedding_size(network: Network) -> int:
+  """The size of a face network's embedding (shapes only, nothing runs)."""
   x = jax.ShapeDtypeStruct((1, FACE_SIZE, FACE_SIZE, 3), jnp.float32)
   # Variables as arguments, so abstract ones (`ShapeDtypeStruct`s) work.
-  sizes = [
-      jax.eval_shape(
-          lambda v, x, n=n: n.module.apply(v, x, train=False), n.variables, x
-      ).shape[-1]
-      for n in (teacher, student)
-  ]
+  return jax.eval_shape(
+      lambda v, x: network.module.apply(v, x, train=False),
+      network.variables,
+      x,
+  ).shape[-1]
+
+
+def check_embedding_sizes(teacher: Network, student: Network) -> None:
+  """Raises `ConfigError` unless teacher and student embed to the same size."""
+  sizes = [embedding_size(n) for n in (teacher, student)]
   if sizes[0] != sizes[1]:
     raise ConfigError(
         f"student.kwargs: the student embeds to {sizes[1]} dimensions, the"

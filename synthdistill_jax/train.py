@@ -189,6 +189,16 @@ def static_batches(config, mesh, start_step: int):
   stream = every_batch()
   while True:
     pair = [next(stream) for _ in range(2)]
+    for b in pair:
+      # A damaged set: refused by name, not taken for a diverged run.
+      bad = ~np.isfinite(b["teacher"]).all(axis=-1)
+      if bad.any():
+        raise ConfigError(
+            f"sampler.static_dataset={config.sampler.static_dataset!r}:"
+            f" example {int(b['index'][bad][0])} has a non-finite teacher"
+            f" embedding ({int(bad.sum())} in this batch): the set is"
+            " damaged; write it again with tools/make_static_dataset.py"
+        )
     yield tuple(
         sharding.put_process_local_batch(
             mesh, (np.asarray(b["face"]), np.asarray(b["teacher"]))

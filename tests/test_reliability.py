@@ -550,6 +550,56 @@ def test_static_sampler_resume_seeks_without_reading(tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def _static_set(directory, emb_dim, nan_example=None):
+  """A 16-example static set; `nan_example` gets a NaN target."""
+  rng = np.random.default_rng(0)
+  teacher = rng.standard_normal((16, emb_dim)).astype(np.float32)
+  if nan_example is not None:
+    teacher[nan_example, 0] = np.nan
+  batch = {
+      "w": rng.standard_normal((16, 4)).astype(np.float32),
+      "face": rng.integers(0, 256, (16, 112, 112, 3), dtype=np.uint8),
+      "teacher": teacher,
+  }
+  static_dataset.write_static_dataset(
+      directory, [batch], num_examples=16, w_dim=4, emb_dim=emb_dim
+  )
+  return str(directory)
+
+
+def test_a_static_set_the_student_cannot_use_is_one_line(tmp_path, monkeypatch):
+  # Targets of another teacher: refused before anything is built (it was a
+  # broadcasting error inside the compiled step).
+  config = tiny.tiny_config(
+      **{
+          "sampler.kind": "static",
+          "sampler.static_dataset": _static_set(tmp_path / "other", 24),
+          "mesh.num_devices": 1,
+      }
+  )
+  with pytest.raises(experiment.ConfigError) as info:
+    experiment.create(config, abstract=True)
+  assert str(info.value).startswith(
+      f"sampler.static_dataset={str(tmp_path / 'other')!r}: its 'teacher'"
+      " feature is float32 [24], the trainer needs float32 [16]"
+  )
+  config.sampler.static_dataset = str(tmp_path)  # No dataset in it.
+  with pytest.raises(experiment.ConfigError, match="no static dataset here"):
+    experiment.create(config, abstract=True)
+  # A damaged set (the writer refuses NaN now; an old or altered one may
+  # hold it) is named, not taken for a diverged run.
+  monkeypatch.setattr(
+      static_dataset.StaticSyntheticFaces,
+      "_check_batch",
+      lambda self, b, batch: batch,
+  )
+  config.sampler.static_dataset = _static_set(tmp_path / "nan", 16, 5)
+  batches = train.static_batches(config, jax.make_mesh((1,), ("data",)), 0)
+  with pytest.raises(experiment.ConfigError) as info:
+    next(batches)
+  assert "example 5 has a non-finite teacher embedding" in str(info.value)
+
+
 def _adam_states(ravel: bool, steps: int):
   """Params and Adam's state after `steps` updates on fixed gradients."""
   tx = optax.adam(1e-2)

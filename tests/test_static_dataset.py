@@ -95,6 +95,33 @@ def test_bad_streams_fail_clearly(tmp_path):
   with pytest.raises(FileNotFoundError, match="no static dataset"):
     static_dataset.StaticDataset(tmp_path / "nothing")
 
+  def nan_target():
+    batch = next(_stream(3, 3))
+    batch["teacher"][1, 4] = np.nan
+    yield batch
+
+  with pytest.raises(ValueError, match="'teacher' has 1 non-finite value"):
+    static_dataset.write_static_dataset(
+        tmp_path / "c",
+        nan_target(),
+        num_examples=3,
+        w_dim=W_DIM,
+        emb_dim=EMB_DIM,
+    )
+
+
+def test_features_are_checked_against_the_student(written):
+  data = static_dataset.StaticDataset(written[1])
+  data.check_features(EMB_DIM)
+  with pytest.raises(ValueError) as info:
+    data.check_features(2 * EMB_DIM)
+  assert str(info.value) == (
+      f"its 'teacher' feature is float32 [{EMB_DIM}], the trainer needs"
+      f" float32 [{2 * EMB_DIM}] (the student embeds to {2 * EMB_DIM}"
+      " dimensions: write the set with this config's teacher, or change the"
+      " student's embedding size)"
+  )
+
 
 def test_reading_does_not_import_tensorflow(written):
   code = (

@@ -122,6 +122,11 @@ class StaticSyntheticFaces(tfds.core.GeneratorBasedBuilder):
         )
       if key == "face" and value.dtype != np.uint8:
         raise ValueError(f"batch {b}: 'face' must be uint8, got {value.dtype}")
+      if key != "face" and not np.isfinite(value).all():
+        raise ValueError(
+            f"batch {b}: {key!r} has {int((~np.isfinite(value)).sum())}"
+            " non-finite value(s) (NaN/Inf); refused"
+        )
       arrays[key] = value.astype(np.uint8 if key == "face" else np.float32)
     if len({len(v) for v in arrays.values()}) != 1:
       raise ValueError(f"batch {b}: w, face and teacher differ in length")
@@ -197,6 +202,44 @@ class StaticDataset:
 
   def __len__(self) -> int:
     return len(self._source)
+
+  def check_features(self, emb_dim: int) -> None:
+    """Refuses a set whose features the trainer cannot use.
+
+    Read from `features.json` alone (no example is read): another TFDS
+    dataset, faces of another size, or targets of a teacher whose embedding
+    size differs from the student's (which would otherwise fail deep inside
+    the compiled step, or train on the wrong targets).
+
+    Args:
+      emb_dim: the student's embedding size.
+
+    Raises:
+      ValueError: one line naming the feature and what was expected.
+    """
+    features = self.info.features
+    want = {
+        "face": (FACE_SHAPE, np.uint8, "uint8 face crops"),
+        "teacher": (
+            (emb_dim,),
+            np.float32,
+            f"the student embeds to {emb_dim} dimensions: write the set with"
+            " this config's teacher, or change the student's embedding size",
+        ),
+    }
+    for name, (shape, dtype, why) in want.items():
+      if name not in features:
+        raise ValueError(
+            f"has no {name!r} feature (it has {', '.join(features.keys())}):"
+            " not a static set written by tools/make_static_dataset.py"
+        )
+      got_shape = tuple(features[name].shape)
+      got_dtype = np.dtype(features[name].np_dtype)
+      if (got_shape, got_dtype) != (shape, np.dtype(dtype)):
+        raise ValueError(
+            f"its {name!r} feature is {got_dtype.name} {list(got_shape)}, the"
+            f" trainer needs {np.dtype(dtype).name} {list(shape)} ({why})"
+        )
 
   def batches_per_epoch(
       self, batch_size: int, num_shards: int = 1, drop_remainder: bool = True
