@@ -179,6 +179,27 @@ def test_static_dataset_tool_and_static_sampler(tmp_path):
   # Progress as whole lines in a pipe, TFDS's own bars off.
   assert "static set: 20/20 (100%)" in out.stderr
   assert "\r" not in out.stderr
+  # Run again onto the set, or for no face: refused before any rendering.
+  for flag, message in (
+      ("--num_examples=20", "already holds a static set"),
+      ("--num_examples=0", "--num_examples=0: must be at least 1"),
+  ):
+    again = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "make_static_dataset.py"),
+            f"--config={ROOT / 'configs' / 'demo.py'}:tiny",
+            f"--output={tmp_path / 'static'}",
+            flag,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert again.returncode == 1 and message in again.stderr, again.stderr
+    assert "Traceback" not in again.stderr
   ds = static_dataset.StaticDataset(tmp_path / "static")
   (stored,) = ds.batches(20, seed=0, epoch=0)
   order = np.argsort(stored["index"])

@@ -11,6 +11,7 @@ stored image) and writes `{w, face, teacher}` as a TFDS dataset
 `--config.sampler.kind=static --config.sampler.static_dataset=DIR`.
 """
 
+import pathlib
 import sys
 
 from synthdistill_jax import hostmem
@@ -48,8 +49,19 @@ def main(argv) -> None:
 
   config = FLAGS.config
   if not FLAGS.output:
-    print("error: --output is required", file=sys.stderr)
-    sys.exit(1)
+    _fail("--output is required")
+  if FLAGS.num_examples < 1:
+    _fail(f"--num_examples={FLAGS.num_examples}: must be at least 1")
+  # TFDS would replace a set already there: hours of rendering, for a typo.
+  existing = sorted(
+      pathlib.Path(FLAGS.output).glob(f"{static_dataset.NAME}/*/*.json")
+  )
+  if existing:
+    _fail(
+        f"--output={FLAGS.output}: already holds a static set"
+        f" ({existing[0].parent}); choose another folder, or delete that one"
+        " to write it again"
+    )
   try:
     examples = progress.count_batches(
         static_dataset.render_examples(config, FLAGS.num_examples, FLAGS.seed),
@@ -71,9 +83,13 @@ def main(argv) -> None:
         metadata={"config": config.name, "seed": FLAGS.seed},
     )
   except experiment.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    _fail(str(e))
   print(f"wrote {FLAGS.num_examples} examples to {path}")
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(1)
 
 
 def _chain(first, rest):
