@@ -229,6 +229,22 @@ def test_cli_refuses_profile_dir_beside_a_libtpu_jax_does_not_pin(tmp_path):
   assert not output.exists() and not (tmp_path / "profile").exists()
 
 
+def test_cli_refuses_a_bad_setting_before_measuring_the_peak(tmp_path):
+  result = subprocess.run(
+      _demo_command("--batch_size=0", f"--output={tmp_path / 'b.json'}"),
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      check=False,
+  )
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1] == (
+      "benchmark: error: schedule.batch_size=0: must be an integer >= 1 (the"
+      " global batch)"
+  )
+  assert "peak float32 matmul" not in result.stderr
+
+
 def test_measure_peak_reports_matmul_flops():
   peak = timing.measure_peak("float32", 128, warmup=1, iters=2)
   assert peak["flops_per_s"] > 0

@@ -20,6 +20,7 @@ from synthdistill_jax import hostmem
 from synthdistill_jax import programs
 from synthdistill_jax import progress
 from synthdistill_jax import sharding
+from synthdistill_jax import validation
 from synthdistill_jax.benchmark import timing
 
 STAGE_NAMES = (
@@ -133,17 +134,19 @@ def run_benchmark(
     The result record that goes into the JSON file.
   """
   dtype = read_compute_dtype(config)
+  if config.sampler.kind == "static":
+    raise experiment.ConfigError(
+        "sampler.kind='static': the benchmark times the generator, use"
+        " 'dynamic' or 'resample'"
+    )
+  # A number that cannot run is one line before the peak's seconds too.
+  validation.check_numbers(config)
   # The peak is measured before and after the stages, and the higher one
   # counts: on a shared host its speed drifts over the minutes the stages
   # take, and a low peak would inflate every MFU.
   peaks = [timing.measure_peak(dtype, peak_size, warmup, max(iters, 3))]
   logging.info("peak %s matmul: %.3g FLOP/s", dtype, peaks[0]["flops_per_s"])
   start = time.perf_counter()
-  if config.sampler.kind == "static":
-    raise experiment.ConfigError(
-        "sampler.kind='static': the benchmark times the generator, use"
-        " 'dynamic' or 'resample'"
-    )
   exp = experiment.create(config, random_weights=random_weights)
   setup_s = time.perf_counter() - start
   logging.info("networks and state ready in %.1f s", setup_s)
