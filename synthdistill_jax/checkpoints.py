@@ -281,7 +281,26 @@ def restore_latest(
         f" {corrupt}: start a new --workdir, or restore a copy into"
         f" {directory}"
     )
+  saved = _exported_step(directory.parent)
+  if saved:
+    # The run saved before (the student is exported with every checkpoint)
+    # and its checkpoints are gone: starting afresh would replace the
+    # student and drop the metrics without a word.
+    raise CheckpointError(
+        f"no checkpoint in {directory}, but {directory.parent / 'student'}"
+        f" was saved at iteration {saved}: the run's checkpoints were removed"
+        " or are on another disk; restore them, or start a new --workdir"
+    )
   return None
+
+
+def _exported_step(workdir: epath.Path) -> int:
+  """The iteration of `WORKDIR/student`'s last export (0: none, unreadable)."""
+  try:
+    config = json.loads((workdir / "student" / "model.json").read_text())
+    return int(config["metadata"]["step"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return 0
 
 
 def _regroup_plan(source: list, target: list) -> list | None:

@@ -421,6 +421,26 @@ def test_a_fresh_manager_restores_intact_checkpoints(tmp_path):
 
 
 @pytest.mark.slow
+def test_checkpoints_gone_after_a_save_are_not_a_fresh_start(tmp_path):
+  like = _tiny_state(0)
+  restored, _ = _restore_fresh(tmp_path / "checkpoints", like)
+  assert restored is None  # A new workdir: a fresh start.
+  # The student is exported with every checkpoint: one saved at iteration
+  # 5 means the run's checkpoints were removed (or are on another disk).
+  (tmp_path / "student").mkdir()
+  (tmp_path / "student" / "model.json").write_text(
+      json.dumps({"metadata": {"step": 5}})
+  )
+  with pytest.raises(checkpoints.CheckpointError) as info:
+    _restore_fresh(tmp_path / "checkpoints", like)
+  assert str(info.value) == (
+      f"no checkpoint in {tmp_path / 'checkpoints'}, but"
+      f" {tmp_path / 'student'} was saved at iteration 5: the run's"
+      " checkpoints were removed or are on another disk; restore them, or"
+      " start a new --workdir"
+  )
+
+
 def test_corrupt_newest_checkpoint_resumes_from_the_previous(tmp_path):
   workdir = tmp_path / "run"
   train.train_and_evaluate(tiny.tiny_config(), str(workdir))
