@@ -146,7 +146,7 @@ def validate(evaluate, state, gen_vars, teacher_vars, config) -> dict:
   }
 
 
-def static_batches(config, mesh, start_step: int):
+def static_batches(config, mesh, start_step: int, damage: list | None = None):
   """Yields pairs of global static batches, resuming at `start_step`.
 
   Each epoch reads the set in a fresh order (`epoch` seeds the shuffle);
@@ -156,6 +156,11 @@ def static_batches(config, mesh, start_step: int):
     config: the experiment config.
     mesh: the device mesh.
     start_step: iterations already done (those batches are skipped).
+    damage: where the first non-finite target read is described. The batch
+      still goes on: its NaN reaches the global loss, so that every host
+      stops at the same iteration (`TrainingDiverged`, with this cause on
+      the host that read it), not one host alone while the others wait in
+      a collective. Without a list, such a batch raises `ConfigError`.
 
   Yields:
     `((faces_uint8, teacher), (faces_uint8, teacher))` global arrays.
@@ -190,15 +195,18 @@ def static_batches(config, mesh, start_step: int):
   while True:
     pair = [next(stream) for _ in range(2)]
     for b in pair:
-      # A damaged set: refused by name, not taken for a diverged run.
+      # A damaged set: named, not taken for a diverged run.
       bad = ~np.isfinite(b["teacher"]).all(axis=-1)
-      if bad.any():
-        raise ConfigError(
+      if bad.any() and not damage:
+        message = (
             f"sampler.static_dataset={config.sampler.static_dataset!r}:"
             f" example {int(b['index'][bad][0])} has a non-finite teacher"
-            f" embedding ({int(bad.sum())} in this batch): the set is"
+            f" embedding ({int(bad.sum())} in its batch): the set is"
             " damaged; write it again with tools/make_static_dataset.py"
         )
+        if damage is None:
+          raise ConfigError(message)
+        damage.append(message)
     yield tuple(
         sharding.put_process_local_batch(
             mesh, (np.asarray(b["face"]), np.asarray(b["teacher"]))
@@ -211,11 +219,12 @@ def static_batches(config, mesh, start_step: int):
 # The loop.
 
 
-def _check_finite(metrics: dict, step: int) -> None:
+def _check_finite(metrics: dict, step: int, cause: str = "") -> None:
   if not all(math.isfinite(float(v)) for v in metrics.values()):
     raise TrainingDiverged(
-        f"non-finite loss at iteration {step} (loss={metrics['loss']}); "
-        "stopped without saving, the last good checkpoint is kept"
+        f"{cause + ' (' if cause else ''}non-finite loss at iteration"
+        f" {step} (loss={metrics['loss']}); stopped without saving, the last"
+        f" good checkpoint is kept{')' if cause else ''}"
     )
 
 
@@ -523,9 +532,10 @@ def _loop(run: _Run, state) -> TrainResult:
   sched = config.schedule
   total = sched.epochs * sched.steps_per_epoch
   step = start = int(jax.device_get(state.step))
-  feed = None
+  # A damaged static set's first bad target, named if the loss turns NaN.
+  feed, damage = None, []
   if config.sampler.kind == "static":
-    feed = static_batches(config, exp.mesh, step)
+    feed = static_batches(config, exp.mesh, step, damage)
   images_per_step = sched.batch_size * distill.UPDATES_PER_ITERATION
   multi = jax.process_count() > 1
   result = TrainResult(state=state, validation=[])
@@ -584,7 +594,7 @@ def _loop(run: _Run, state) -> TrainResult:
       )
       if log_now or stop:
         host = {k: float(v) for k, v in sharding.to_host(metrics).items()}
-        _check_finite(host, step)
+        _check_finite(host, step, damage[0] if damage else "")
         if window_steps:
           seconds = time.perf_counter() - window_start
           host["images_per_sec"] = window_steps * images_per_step / seconds

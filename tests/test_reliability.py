@@ -618,6 +618,18 @@ def test_a_static_set_the_student_cannot_use_is_one_line(tmp_path, monkeypatch):
   with pytest.raises(experiment.ConfigError) as info:
     next(batches)
   assert "example 5 has a non-finite teacher embedding" in str(info.value)
+  # In a run the batch goes on, so that every host stops at the same
+  # iteration when the loss turns NaN; the host that read it says why.
+  config.schedule.val_batches = 0
+  with pytest.raises(train.TrainingDiverged) as info:
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert str(info.value).startswith(
+      f"sampler.static_dataset={config.sampler.static_dataset!r}: example 5"
+      " has a non-finite teacher embedding (1 in its batch): the set is"
+      " damaged; write it again with tools/make_static_dataset.py"
+      " (non-finite loss at iteration 1"
+  )
+  assert not list((tmp_path / "run" / "checkpoints").iterdir())
 
 
 def _adam_states(ravel: bool, steps: int):
