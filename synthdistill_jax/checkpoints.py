@@ -13,8 +13,10 @@ saves at the next iteration boundary and returns cleanly.
 """
 
 import json
+import logging
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -43,6 +45,45 @@ ALGORITHM = "checksum_algorithm"
 STEP_METADATA = "_CHECKPOINT_METADATA"
 
 
+# How tensorstore (under orbax) words a failed read or write: an absl status
+# code first, e.g. "RESOURCE_EXHAUSTED: Error writing ...".
+_STATUS_ERROR = re.compile(r"^[A-Z][A-Z_]+: ")
+
+
+def is_write_error(error: BaseException) -> bool:
+  """An OS or storage error (not a bug, which keeps its traceback)."""
+  return isinstance(error, OSError) or bool(
+      _STATUS_ERROR.match(str(error).strip())
+  )
+
+
+class _WriteErrorsWithoutTracebacks(logging.Filter):
+  """Keeps orbax's log lines of a failed write, without their tracebacks.
+
+  A write that fails (a full disk, lost access) is logged by each of
+  orbax's background threads with its traceback, about 40 lines each (and
+  by asyncio, for the futures of that write nobody awaited any more); the
+  trainer ends with one line naming the cause (`train.WriteFailed`). Any
+  other error orbax or asyncio logs keeps its traceback.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    if (
+        error is not None
+        and (
+            f"{os.sep}orbax{os.sep}" in record.pathname
+            or record.name == "asyncio"
+        )
+        and is_write_error(error)
+    ):
+      record.exc_info = record.exc_text = None
+    return True
+
+
+_WRITE_ERROR_FILTER = _WriteErrorsWithoutTracebacks()
+
+
 def create_manager(
     directory: str | os.PathLike, *, keep: int, use_async: bool
 ) -> ocp.CheckpointManager:
@@ -61,6 +102,9 @@ def create_manager(
       enable_async_checkpointing=use_async,
       create=True,
   )
+  # orbax logs through absl's logger; adding a filter twice is a no-op.
+  for name in ("absl", "asyncio"):
+    logging.getLogger(name).addFilter(_WRITE_ERROR_FILTER)
   # The handler is named up front so that a fresh manager (a resumed run)
   # can read a step's metadata before restoring it.
   return ocp.CheckpointManager(
@@ -412,7 +456,7 @@ class PreemptionFlag:
   saves at the next iteration boundary and stops. The first Ctrl-C says so
   on stderr and gives SIGINT back to its previous handler, so that a second
   one interrupts at once (Python's `KeyboardInterrupt`, delivered again if
-  it lands in a finaliser: `errors.redeliver_swallowed_ctrl_c`), without a
+  it lands in a finaliser: `errors.install_unraisable_hook`), without a
   save.
   Use as a context manager; the previous handlers are restored on exit.
 

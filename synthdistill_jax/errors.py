@@ -44,8 +44,24 @@ def check_choice(value: str, choices, field: str, note: str = "") -> str:
   return value
 
 
-def _redeliver_ctrl_c(unraisable) -> None:
-  """`sys.unraisablehook` that sends a swallowed Ctrl-C to the main thread.
+def _is_orbax_closed_loop_callback(unraisable) -> bool:
+  """Whether an unraisable is a write callback that outlived orbax's loop.
+
+  orbax runs each checkpoint write on an asyncio loop of its own and closes
+  it when a write fails (a full disk); tensorstore's callbacks for the
+  writes still in flight then land on the closed loop: one 5-line
+  traceback each, 56 to 152 for the demo's state. The failed write itself
+  is reported (`train.WriteFailed`).
+  """
+  return (
+      unraisable.object is None
+      and unraisable.exc_type is RuntimeError
+      and str(unraisable.exc_value) == "Event loop is closed"
+  )
+
+
+def _unraisable_hook(unraisable) -> None:
+  """`sys.unraisablehook`: a swallowed Ctrl-C delivered again; less noise.
 
   Python raises Ctrl-C's `KeyboardInterrupt` wherever the main thread is;
   inside a weakref callback or a `__del__` (a garbage collection at that
@@ -54,11 +70,15 @@ def _redeliver_ctrl_c(unraisable) -> None:
   is raised at the next Python line of the main thread instead: from a
   timer thread once this hook has returned (raised in the hook it would be
   swallowed again; landing in a finaliser again, it comes back here).
+  Other unraisables go to the previous hook, but for
+  `_is_orbax_closed_loop_callback`.
   """
   if issubclass(unraisable.exc_type, KeyboardInterrupt):
     timer = threading.Timer(_REDELIVERY_DELAY_S, _thread.interrupt_main)
     timer.daemon = True
     timer.start()
+    return
+  if _is_orbax_closed_loop_callback(unraisable):
     return
   _previous_unraisablehook(unraisable)
 
@@ -68,12 +88,12 @@ _previous_unraisablehook = sys.unraisablehook
 _REDELIVERY_DELAY_S = 0.05
 
 
-def redeliver_swallowed_ctrl_c() -> None:
-  """Installs `_redeliver_ctrl_c` (once; other unraisables as before)."""
+def install_unraisable_hook() -> None:
+  """Installs `_unraisable_hook` (once; it passes others to the previous)."""
   global _previous_unraisablehook
-  if sys.unraisablehook is not _redeliver_ctrl_c:
+  if sys.unraisablehook is not _unraisable_hook:
     _previous_unraisablehook = sys.unraisablehook
-    sys.unraisablehook = _redeliver_ctrl_c
+    sys.unraisablehook = _unraisable_hook
 
 
 def ignore_further_ctrl_c() -> None:
@@ -94,13 +114,13 @@ def exit_on_ctrl_c(main):
 
   Returns:
     `main`, with `KeyboardInterrupt` turned into `SystemExit(130)` (also
-    one that Python raised in a finaliser: `redeliver_swallowed_ctrl_c`),
+    one that Python raised in a finaliser: `install_unraisable_hook`),
     after which SIGINT is ignored.
   """
 
   @functools.wraps(main)
   def wrapped(*args, **kwargs):
-    redeliver_swallowed_ctrl_c()
+    install_unraisable_hook()
     try:
       return main(*args, **kwargs)
     except KeyboardInterrupt:

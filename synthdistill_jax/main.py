@@ -141,7 +141,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
   # A second Ctrl-C must stop the run even when it lands in a finaliser.
-  errors.redeliver_swallowed_ctrl_c()
+  errors.install_unraisable_hook()
   if not FLAGS["verbosity"].present:
     # orbax logs every save at INFO; keep the console to the progress bar.
     logging.set_verbosity(logging.WARNING)

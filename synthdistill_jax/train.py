@@ -49,18 +49,6 @@ class WriteFailed(RuntimeError):
   """
 
 
-# How tensorstore (under orbax) words a failed read or write: an absl status
-# code first, e.g. "RESOURCE_EXHAUSTED: Error writing ...".
-_STATUS_ERROR = re.compile(r"^[A-Z][A-Z_]+: ")
-
-
-def is_write_error(error: BaseException) -> bool:
-  """An OS or storage error (not a bug, which keeps its traceback)."""
-  return isinstance(error, OSError) or bool(
-      _STATUS_ERROR.match(str(error).strip())
-  )
-
-
 def _write_failed(manager, workdir, what: str, error: BaseException):
   """`WriteFailed` for `error`, naming the OS error tensorstore reports."""
   text = str(error)
@@ -363,7 +351,7 @@ def _save(run: _Run, state, step: int) -> None:
   except (OSError, ValueError, RuntimeError) as e:
     # orbax and tensorstore report a failed write as ValueError (e.g.
     # "RESOURCE_EXHAUSTED: ... No space left on device") or RuntimeError.
-    if not is_write_error(e):
+    if not checkpoints.is_write_error(e):
       raise
     raise _write_failed(
         run.manager, run.workdir, f"saving iteration {step}", e
@@ -502,7 +490,7 @@ def _train(config, workdir: epath.Path, log) -> TrainResult:
       # An asynchronous save's error surfaces here.
       manager.wait_until_finished()
     except (OSError, ValueError, RuntimeError) as e:
-      if not is_write_error(e):
+      if not checkpoints.is_write_error(e):
         raise
       raise _write_failed(manager, workdir, "saving a checkpoint", e) from e
     finally:
