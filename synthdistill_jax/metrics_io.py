@@ -11,7 +11,7 @@ import json
 import math
 import os
 import sys
-from typing import Mapping
+from typing import Callable, Mapping
 
 from etils import epath
 import jax
@@ -34,6 +34,7 @@ class MetricWriter:
     workdir: the training workdir.
     enabled: write at all (default: on process 0).
     resume_step: the iteration the run (re)starts from.
+    log: where a note on unreadable lines goes (they are dropped).
   """
 
   def __init__(
@@ -41,6 +42,7 @@ class MetricWriter:
       workdir: str | os.PathLike,
       enabled: bool | None = None,
       resume_step: int = 0,
+      log: Callable[[str], None] = print,
   ):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.jsonl_path = epath.Path(workdir) / "metrics.jsonl"
@@ -52,11 +54,22 @@ class MetricWriter:
       _register_epath_event_writers()
       self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
       if self.jsonl_path.exists():
-        self._lines = [
+        lines = [
             line
             for line in self.jsonl_path.read_text().splitlines()
-            if line.strip() and _step_of(line) <= resume_step
+            if line.strip()
         ]
+        steps = [_step_of(line) for line in lines]
+        self._lines = [
+            line for line, step in zip(lines, steps) if step <= resume_step
+        ]
+        if unreadable := steps.count(math.inf):
+          # The file is replaced whole at each write: only a damaged or
+          # edited file has such lines.
+          log(
+              f"{self.jsonl_path}: dropped {unreadable} unreadable line(s)"
+              " (not a JSON record with a step)"
+          )
       self._tb = tensorboardx.SummaryWriter(
           os.fspath(self.tb_dir), purge_step=resume_step + 1
       )

@@ -56,15 +56,21 @@ def read_records(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     workdir: the training workdir (local or any `etils.epath` path).
 
   Returns:
-    One dict per line; non-finite values (stored as null) become NaN.
+    One dict per line; non-finite values (stored as null) become NaN. A
+    line that is not a JSON record with a step and a split (a damaged file)
+    is left out, as the trainer leaves it out when it resumes
+    (`metrics_io.MetricWriter`).
   """
   path = epath.Path(workdir) / "metrics.jsonl"
   if not path.exists():
     return []
   records = []
   for line in path.read_text().splitlines():
-    if line.strip():
+    try:
       record = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(record, dict) and {"step", "split"} <= record.keys():
       records.append(
           {k: math.nan if v is None else v for k, v in record.items()}
       )

@@ -466,7 +466,7 @@ def _train(config, workdir: epath.Path, log) -> TrainResult:
   # The initial state's buffers are not needed any more.
   exp.state = None
   start_step = int(jax.device_get(state.step))
-  writer = metrics_io.MetricWriter(workdir, resume_step=start_step)
+  writer = metrics_io.MetricWriter(workdir, resume_step=start_step, log=log)
   grid_path = workdir / "faces.png"
   n = min(config.face_grid_size, config.schedule.batch_size)
   if exp.render and n and not grid_path.exists():

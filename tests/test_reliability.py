@@ -29,6 +29,7 @@ from synthdistill_jax import checkpoints
 from synthdistill_jax import errors
 from synthdistill_jax import experiment
 from synthdistill_jax import metrics_io
+from synthdistill_jax import report
 from synthdistill_jax import train
 from synthdistill_jax import validation
 from synthdistill_jax import workdir as workdir_lib
@@ -514,6 +515,19 @@ def test_metrics_after_a_resume_have_no_duplicate_steps(tmp_path):
   records = metrics_io.read_metrics(tmp_path, "train")
   assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
   assert [r["loss"] for r in records][3:] == [14.0, 15.0, 16.0]
+  # A damaged file (cut by a full disk, edited): its unreadable lines are
+  # dropped with a note, in the trainer and in the report.
+  path = tmp_path / "metrics.jsonl"
+  path.write_text(path.read_text() + '{"step": 7, "split": "tr\n[1, 2]\n')
+  assert len(report.read_records(tmp_path)) == 6
+  notes = []
+  writer = metrics_io.MetricWriter(
+      tmp_path, enabled=True, resume_step=6, log=notes.append
+  )
+  writer.close()
+  assert notes == [
+      f"{path}: dropped 2 unreadable line(s) (not a JSON record" " with a step)"
+  ]
 
 
 def test_stale_temporaries_are_removed(tmp_path):
