@@ -457,8 +457,8 @@ class PreemptionFlag:
   on stderr and gives SIGINT back to its previous handler, so that a second
   one interrupts at once (Python's `KeyboardInterrupt`, delivered again if
   it lands in a finaliser: `errors.install_unraisable_hook`), without a
-  save.
-  Use as a context manager; the previous handlers are restored on exit.
+  save. Use as a context manager; the previous handlers are restored on
+  exit.
 
   Attributes:
     signal_name: 'SIGTERM' or 'SIGINT', whichever set the flag first.
