@@ -469,7 +469,13 @@ def _train(config, workdir: epath.Path, log) -> TrainResult:
   writer = metrics_io.MetricWriter(workdir, resume_step=start_step, log=log)
   grid_path = workdir / "faces.png"
   n = min(config.face_grid_size, config.schedule.batch_size)
-  if exp.render and n and not grid_path.exists():
+  draw = bool(exp.render and n and not grid_path.exists())
+  if jax.process_count() > 1:
+    # Process 0's view decides for all: the render needs no communication
+    # on every platform, so a process that looked after process 0 wrote
+    # the grid would skip the barrier below while the others wait there.
+    draw = bool(multihost_utils.broadcast_one_to_all(np.int32(draw)))
+  if draw:
     # Every process renders (a collective program); process 0 writes.
     img, crops = exp.render(exp.gen_vars, jax.random.PRNGKey(config.seed))
     if primary:
