@@ -423,7 +423,6 @@ def test_a_fresh_manager_restores_intact_checkpoints(tmp_path):
   assert sorted(p.name for p in directory.iterdir()) == ["1", "2"]
 
 
-@pytest.mark.slow
 def test_checkpoints_gone_after_a_save_are_not_a_fresh_start(tmp_path):
   like = _tiny_state(0)
   restored, _ = _restore_fresh(tmp_path / "checkpoints", like)
@@ -444,6 +443,7 @@ def test_checkpoints_gone_after_a_save_are_not_a_fresh_start(tmp_path):
   )
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_resumes_from_the_previous(tmp_path):
   workdir = tmp_path / "run"
   train.train_and_evaluate(tiny.tiny_config(), str(workdir))
@@ -526,7 +526,7 @@ def test_metrics_after_a_resume_have_no_duplicate_steps(tmp_path):
   )
   writer.close()
   assert notes == [
-      f"{path}: dropped 2 unreadable line(s) (not a JSON record" " with a step)"
+      f"{path}: dropped 2 unreadable line(s) (not a JSON record with a step)"
   ]
 
 
@@ -896,6 +896,7 @@ def test_a_write_that_fails_midway_is_not_a_wall_of_tracebacks(
   # A full disk during an async save (on a 3 MiB tmpfs, the free-space
   # check bypassed): 788 lines of orbax's, asyncio's and tensorstore's
   # tracebacks before the trainer's one line; now 9 lines.
+  # A checkpoint manager installs the log filter.
   checkpoints.create_manager(tmp_path, keep=1, use_async=False).close()
   full = ValueError(
       "RESOURCE_EXHAUSTED: Error writing ... No space left on device"

@@ -53,13 +53,18 @@ def main(argv) -> None:
   if FLAGS.num_examples < 1:
     _fail(f"--num_examples={FLAGS.num_examples}: must be at least 1")
   # TFDS would replace a set already there: hours of rendering, for a typo.
-  existing = sorted(
-      pathlib.Path(FLAGS.output).glob(f"{static_dataset.NAME}/*/*.json")
-  )
+  # (A killed run's `incomplete.*` folder is no set: TFDS writes anew.)
+  existing = [
+      p.parent
+      for p in pathlib.Path(FLAGS.output).glob(
+          f"{static_dataset.NAME}/*/dataset_info.json"
+      )
+      if not p.parent.name.startswith("incomplete")
+  ]
   if existing:
     _fail(
         f"--output={FLAGS.output}: already holds a static set"
-        f" ({existing[0].parent}); choose another folder, or delete that one"
+        f" ({existing[0]}); choose another folder, or delete that one"
         " to write it again"
     )
   try:
