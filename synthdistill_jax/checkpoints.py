@@ -315,11 +315,26 @@ def restore_latest(
         f" and moved aside ({', '.join(aside)}); start a new --workdir or"
         " restore a copy"
     )
-  directory = epath.Path(manager.directory)
+  check_fresh_start(manager.directory)
+  return None
+
+
+def check_fresh_start(directory) -> None:
+  """Raises `CheckpointError` where a start from iteration 0 would lose a run.
+
+  For a checkpoint folder with no checkpoint to resume from: an earlier
+  start set every checkpoint aside, or the run saved before (its student is
+  exported with every checkpoint) and its checkpoints are gone. Files only,
+  nothing built: the trainer asks before it builds the networks.
+
+  Args:
+    directory: the checkpoint folder (`WORKDIR/checkpoints`).
+  """
+  directory = epath.Path(directory)
   corrupt = directory.parent / f"{directory.name}.corrupt"
   if corrupt.exists() and any(corrupt.iterdir()):
-    # An earlier start set every checkpoint aside: running again must not
-    # start afresh (and drop the run's metrics after iteration 0).
+    # Running again must not start afresh (and drop the run's metrics after
+    # iteration 0).
     raise CheckpointError(
         f"no restorable checkpoint in {directory}; the damaged ones are in"
         f" {corrupt}: start a new --workdir, or restore a copy into"
@@ -327,15 +342,13 @@ def restore_latest(
     )
   saved = _exported_step(directory.parent)
   if saved:
-    # The run saved before (the student is exported with every checkpoint)
-    # and its checkpoints are gone: starting afresh would replace the
-    # student and drop the metrics without a word.
+    # Starting afresh would replace the student and drop the metrics without
+    # a word.
     raise CheckpointError(
         f"no checkpoint in {directory}, but {directory.parent / 'student'}"
         f" was saved at iteration {saved}: the run's checkpoints were removed"
         " or are on another disk; restore them, or start a new --workdir"
     )
-  return None
 
 
 def _exported_step(workdir: epath.Path) -> int:

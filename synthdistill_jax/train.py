@@ -409,12 +409,11 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
   lock = workdir_lib.RunLock(workdir, log).acquire()
   try:
     workdir_lib.remove_stale_temporaries(workdir, log)
-    workdir_lib.check_or_store_config(
-        config,
-        workdir,
-        checkpoints.has_checkpoints(workdir / "checkpoints"),
-        log,
-    )
+    resumable = checkpoints.has_checkpoints(workdir / "checkpoints")
+    if not resumable:
+      # Before the stored config is replaced and anything is built.
+      checkpoints.check_fresh_start(workdir / "checkpoints")
+    workdir_lib.check_or_store_config(config, workdir, resumable, log)
     enable_compilation_cache(config, workdir)
     return _train(config, workdir, log)
   finally:
