@@ -10,6 +10,7 @@ the global batch on the 'data' axis; the frozen generator and teacher are
 replicated jit arguments, never state.
 """
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -49,20 +50,32 @@ class WriteFailed(RuntimeError):
   """
 
 
-def _write_failed(manager, workdir, what: str, error: BaseException):
-  """`WriteFailed` for `error`, naming the OS error tensorstore reports."""
-  text = str(error)
-  code = re.search(r"os_error_code='(\d+)'", text)
-  if isinstance(error, OSError) and error.strerror:
-    cause = f"{error.strerror}: {error.filename or ''}".rstrip(": ")
-  elif code:
-    cause = os.strerror(int(code.group(1)))
-  else:
-    cause = (text.strip().splitlines() or [""])[0][:300]
-  return WriteFailed(
-      f"{what} in {workdir} failed ({cause}); {_newest(manager)}:"
-      " free space or restore access, then run the same command to resume"
-  )
+@contextlib.contextmanager
+def _write_errors(manager, workdir, what: str):
+  """Turns a failed write inside the block into one-line `WriteFailed`.
+
+  orbax and tensorstore report a failed write as ValueError (e.g.
+  "RESOURCE_EXHAUSTED: ... No space left on device") or RuntimeError; the
+  message names the OS error and the newest complete checkpoint. Any other
+  error is a bug and keeps its type and traceback.
+  """
+  try:
+    yield
+  except (OSError, ValueError, RuntimeError) as e:
+    if not checkpoints.is_write_error(e):
+      raise
+    text = str(e)
+    code = re.search(r"os_error_code='(\d+)'", text)
+    if isinstance(e, OSError) and e.strerror:
+      cause = f"{e.strerror}: {e.filename or ''}".rstrip(": ")
+    elif code:
+      cause = os.strerror(int(code.group(1)))
+    else:
+      cause = (text.strip().splitlines() or [""])[0][:300]
+    raise WriteFailed(
+        f"{what} in {workdir} failed ({cause}); {_newest(manager)}:"
+        " free space or restore access, then run the same command to resume"
+    ) from e
 
 
 def _newest(manager) -> str:
@@ -335,7 +348,7 @@ def _save(run: _Run, state, step: int) -> None:
   check_free_space(
       run.workdir, _save_bytes(state), f"saving iteration {step}", run.manager
   )
-  try:
+  with _write_errors(run.manager, run.workdir, f"saving iteration {step}"):
     checkpoints.save(run.manager, state)
     student = run.exp.student
     host = sharding.to_host(
@@ -348,14 +361,6 @@ def _save(run: _Run, state, step: int) -> None:
         host,
         {"step": step, "config": run.config.name},
     )
-  except (OSError, ValueError, RuntimeError) as e:
-    # orbax and tensorstore report a failed write as ValueError (e.g.
-    # "RESOURCE_EXHAUSTED: ... No space left on device") or RuntimeError.
-    if not checkpoints.is_write_error(e):
-      raise
-    raise _write_failed(
-        run.manager, run.workdir, f"saving iteration {step}", e
-    ) from e
 
 
 def enable_compilation_cache(config, workdir: epath.Path) -> str | None:
@@ -493,11 +498,8 @@ def _train(config, workdir: epath.Path, log) -> TrainResult:
   finally:
     try:
       # An asynchronous save's error surfaces here.
-      manager.wait_until_finished()
-    except (OSError, ValueError, RuntimeError) as e:
-      if not checkpoints.is_write_error(e):
-        raise
-      raise _write_failed(manager, workdir, "saving a checkpoint", e) from e
+      with _write_errors(manager, workdir, "saving a checkpoint"):
+        manager.wait_until_finished()
     finally:
       manager.close()
       writer.close()
