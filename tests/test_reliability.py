@@ -804,6 +804,26 @@ def test_a_ctrl_c_raised_in_a_finaliser_still_stops_the_command():
   assert proc.stderr.strip() == "interrupted (Ctrl-C)"
 
 
+def test_a_ctrl_c_caught_in_code_run_from_a_string_still_exits_130(tmp_path):
+  # CPython marks a Ctrl-C that ends an `exec` of text as unhandled even
+  # when a caller catches it; `python -m` then dies by SIGINT (status -2).
+  # The networks' dataclass `__init__`s are built that way.
+  (tmp_path / "interrupted_in_exec.py").write_text(
+      "from synthdistill_jax import errors\n"
+      "errors.exit_on_ctrl_c(lambda: exec('raise KeyboardInterrupt'))()\n"
+  )
+  proc = subprocess.run(
+      [sys.executable, "-m", "interrupted_in_exec"],
+      cwd=tmp_path,
+      env=dict(os.environ, PYTHONPATH=str(ROOT)),
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
+  assert proc.returncode == errors.INTERRUPTED_STATUS, proc.stderr
+  assert proc.stderr.strip() == "interrupted (Ctrl-C)"
+
+
 def test_a_save_that_cannot_fit_is_one_line_before_anything_is_written(
     tmp_path, monkeypatch
 ):
