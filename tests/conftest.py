@@ -26,11 +26,22 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEVICES_ENV = "SYNTHDISTILL_TEST_DEVICES"
 
+
+def xla_flags(devices: int) -> str:
+  """`XLA_FLAGS` for tests: `devices` CPU devices, code generation at -O1.
+
+  Also for the commands that tests start with one device of their own:
+  the same flags compile as fast and share the compilation cache, whose
+  keys include `XLA_FLAGS`.
+  """
+  return (
+      "--xla_backend_optimization_level=1"
+      f" --xla_force_host_platform_device_count={devices}"
+  )
+
+
 os.environ.setdefault(
-    "XLA_FLAGS",
-    "--xla_backend_optimization_level=1"
-    " --xla_force_host_platform_device_count="
-    + os.environ.get(DEVICES_ENV, "1"),
+    "XLA_FLAGS", xla_flags(int(os.environ.get(DEVICES_ENV, "1")))
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault(

@@ -15,6 +15,7 @@ from synthdistill_jax import distill
 from synthdistill_jax import experiment
 from synthdistill_jax import models
 from synthdistill_jax import networks
+from tests import conftest
 from tests import test_train
 
 # Each student family shrunk to seconds (same code paths, fewer channels).
@@ -236,7 +237,7 @@ def test_face_network_folder_is_not_a_generator(tmp_path):
 
 
 def test_main_prints_one_line_and_exits_1(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, XLA_FLAGS=conftest.xla_flags(1))
   proc = subprocess.run(
       [
           sys.executable,

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests import conftest
 from tests import golden
 from tests import test_evaluate_cli as helpers
 
@@ -25,7 +26,7 @@ def _subprocess_env():
   # One CPU device: compiling for the 8 simulated devices of conftest costs
   # more than the work here (the sharded path is tested in-process).
   env = dict(os.environ, PYTHONPATH=str(ROOT))
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  env["XLA_FLAGS"] = conftest.xla_flags(1)
   env["OMP_NUM_THREADS"] = "1"  # Torch threads contend on a busy 2-core CI.
   return env
 

@@ -14,6 +14,7 @@ from synthdistill_jax import metrics_io
 from synthdistill_jax import models
 from synthdistill_jax import train
 from synthdistill_jax.data import verification_bin
+from tests import conftest
 from tests import test_evaluate_cli
 from tests import test_train
 
@@ -37,7 +38,7 @@ def test_two_processes_match_one_process(tmp_path):
       "evals.bins": [str(bin_path)],
   }
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, XLA_FLAGS=conftest.xla_flags(1))
   env["JAX_PLATFORMS"] = "cpu"
   procs = [
       subprocess.Popen(

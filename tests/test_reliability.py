@@ -34,6 +34,7 @@ from synthdistill_jax import train
 from synthdistill_jax import validation
 from synthdistill_jax import workdir as workdir_lib
 from synthdistill_jax.data import static_dataset
+from tests import conftest
 from tests import tiny
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -141,7 +142,7 @@ def test_command_line_mistakes_are_one_line(tmp_path):
       ([f"--config={number}"], "returned a int, not an"),
       ([f"--config={partial}"], "the config has no field"),
   ]
-  env = dict(os.environ, XLA_FLAGS="")
+  env = dict(os.environ, XLA_FLAGS=conftest.xla_flags(1))
   for args, expected in cases:
     start = time.perf_counter()
     proc = _main(*args, f"--workdir={tmp_path / 'w'}", env=env)
@@ -231,7 +232,7 @@ def test_heartbeat_never_overwrites_a_new_holder(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_second_trainer_on_one_workdir_is_refused(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="")
+  env = dict(os.environ, XLA_FLAGS=conftest.xla_flags(1))
   workdir = tmp_path / "run"
   first = _main(
       TINY, f"--workdir={workdir}", "--config.schedule.epochs=2", env=env

@@ -16,6 +16,7 @@ import pytest
 from synthdistill_jax import metrics_io
 from synthdistill_jax import models
 from synthdistill_jax import train
+from tests import conftest
 from tests import tiny
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -85,7 +86,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def _run_main(workdir, *flags, **popen_kw):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, XLA_FLAGS=conftest.xla_flags(1))
   cmd = [
       sys.executable,
       "-m",
@@ -168,7 +169,11 @@ def test_static_dataset_tool_and_static_sampler(tmp_path):
           "--num_examples=20",
       ],
       cwd=ROOT,
-      env=dict(os.environ, XLA_FLAGS="", SYNTHDISTILL_PROGRESS_EVERY_S="0"),
+      env=dict(
+          os.environ,
+          XLA_FLAGS=conftest.xla_flags(1),
+          SYNTHDISTILL_PROGRESS_EVERY_S="0",
+      ),
       capture_output=True,
       text=True,
       timeout=600,

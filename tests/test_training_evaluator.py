@@ -22,6 +22,7 @@ from synthdistill_jax.data import verification_bin
 from synthdistill_jax.evaluation import benchmarks
 from synthdistill_jax.evaluation import settings
 from synthdistill_jax.evaluation import training
+from tests import conftest
 from tests import test_evaluate_cli as helpers
 from tests import test_ijb
 
@@ -185,7 +186,7 @@ def _free_port() -> int:
 def test_two_processes_match_one(tmp_path, toy_bin):
   address = f"127.0.0.1:{_free_port()}"
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  env["XLA_FLAGS"] = conftest.xla_flags(1)
   outs = [tmp_path / f"p{i}.json" for i in range(2)]
   procs = [
       subprocess.Popen(
