@@ -41,8 +41,8 @@ from absl import app
 from absl import flags
 import jax
 import numpy as np
-from ml_collections import config_flags
 
+from synthdistill_jax import config_flags_cli
 from synthdistill_jax import distill
 from synthdistill_jax import errors
 from synthdistill_jax import experiment
@@ -54,12 +54,8 @@ from synthdistill_jax import progress
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    None,
-    "Experiment config file (path[:arg]).",
-    lock_config=False,
-    accept_new_attributes=True,
+_CONFIG = config_flags_cli.define_config(
+    "config", "Experiment config file (path[:arg])."
 )
 _TOPOLOGY = flags.DEFINE_string(
     "topology",
@@ -404,4 +400,4 @@ def _fail(message: str) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=config_flags_cli.flags_parser("aot"))

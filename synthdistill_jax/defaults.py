@@ -16,6 +16,11 @@ from synthdistill_jax.evaluation import settings
 REQUIRED_PREFIX = "REQUIRED: "
 
 
+# The constructor-argument dicts: the only places where `--config.X.key=v`
+# may add a key the config file does not set (`config_flags_cli`).
+OPEN_FIELDS = ("generator.random", "teacher.kwargs", "student.kwargs")
+
+
 def required(field: str) -> str:
   """The placeholder of a folder `field` that has no default."""
   return f"{REQUIRED_PREFIX}--config.{field}=DIR"

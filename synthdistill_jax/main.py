@@ -12,8 +12,6 @@ a first Ctrl-C save a checkpoint and stop (exit 0); Ctrl-C before the loop,
 or a second one, stops at once with one line (exit 130).
 """
 
-import os
-import re
 import sys
 
 from synthdistill_jax import hostmem
@@ -28,20 +26,17 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-from ml_collections import config_flags
 
 from synthdistill_jax import checkpoints
+from synthdistill_jax import config_flags_cli
 from synthdistill_jax import errors
 from synthdistill_jax import train
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config",
-    None,
-    "Experiment config file (configs/*.py[:preset]).",
-    lock_config=True,
+config_flags_cli.define_config(
+    "config", "Experiment config file (configs/*.py[:preset])."
 )
 flags.DEFINE_string("workdir", None, "Output folder (resumed if it exists).")
 flags.DEFINE_bool(
@@ -59,7 +54,6 @@ flags.DEFINE_string(
     None,
     "CPU cross-process collectives ('gloo') for multi-process CPU runs.",
 )
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def initialize_distributed() -> None:
@@ -83,63 +77,16 @@ def _fail(message: str, status: int = 1) -> None:
   sys.exit(status)
 
 
-def _one_line(error: BaseException) -> str:
-  """An exception's message on one line (config files raise multi-line)."""
-  text = str(error).replace("\\n", "\n")
-  lines = [l.strip().strip("'\"\\") for l in text.splitlines() if l.strip()]
-  if any(l.startswith("Traceback") for l in lines):
-    # A config file raised: its own message is the last line.
-    return re.sub(r"^\w+(Error|Exception): ", "", lines[-1])
-  return "; ".join(lines) or type(error).__name__
-
-
-def _unknown_field(error: BaseException, argv: list[str]) -> str | None:
-  """`--config.a.b=...` naming no field: which flag, and the suggestion."""
-  text = str(error).replace("\\n", "\n")
-  match = re.search(r"(\w+)\W*Did you mean \W*(\w+)", text)
-  names = re.search(r"'(\w+)'", text)
-  field = match.group(1) if match else (names.group(1) if names else None)
-  if not field:
-    return None
-  flag = next((a.split("=", 1)[0] for a in argv if f".{field}" in a), None)
-  if flag is None:
-    return None
-  hint = f" (did you mean {match.group(2)}?)" if match else ""
-  return f"{flag}: no such config field{hint}"
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl parsing where a flag or config-file mistake is one line, exit 1.
-
-  Args:
-    argv: the command line.
-
-  Returns:
-    The arguments absl leaves over.
-  """
-  try:
-    rest = FLAGS(argv)
-  except flags.Error as e:
-    _fail(_one_line(e))
-  except Exception as e:  # pylint: disable=broad-except
-    # `--config.a.b=...` naming no field, or a config file that raises.
-    _fail(_unknown_field(e, argv) or f"--config: {_one_line(e)}")
-  path = (FLAGS["config"].serialize().split("=", 1)[-1]).split(":", 1)[0]
-  if path and not os.path.isfile(path):
-    _fail(
-        f"--config={path}: no such config file (e.g."
-        " --config=configs/demo.py)"
-    )
-  try:
-    FLAGS.config  # pylint: disable=pointless-statement
-  except Exception as e:  # pylint: disable=broad-except
-    _fail(f"--config: {_one_line(e)}")
-  return rest
-
-
 def main(argv) -> None:
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  missing = [f"--{n}" for n in ("config", "workdir") if FLAGS[n].value is None]
+  if missing:
+    verb = "is" if len(missing) == 1 else "are"
+    _fail(
+        f"{' and '.join(missing)} {verb} required, e.g."
+        " --config=configs/demo.py --workdir=/tmp/demo"
+    )
   # A second Ctrl-C must stop the run even when it lands in a finaliser.
   errors.install_unraisable_hook()
   if not FLAGS["verbosity"].present:
@@ -181,4 +128,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=config_flags_cli.flags_parser())

@@ -128,6 +128,11 @@ def test_command_line_mistakes_are_one_line(tmp_path):
           "unknown argument 'bogus'",
       ),
       ([TINY, "--config.checkpoint.keep=0"], "checkpoint.keep=0"),
+      (
+          [TINY, "--config.schedule.batch_size=3.5"],
+          "--config.schedule.batch_size=3.5: invalid literal for int() with"
+          " base 10: '3.5'",
+      ),
   ]
   # Config files that return something else than a full config.
   number = tmp_path / "number.py"

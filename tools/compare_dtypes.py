@@ -26,16 +26,14 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
 import numpy as np
 
+from synthdistill_jax import config_flags_cli
 from synthdistill_jax import distill
 from synthdistill_jax import errors
 from synthdistill_jax import experiment
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file.", lock_config=False
-)
+_CONFIG = config_flags_cli.define_config("config", "Experiment config file.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Faces per batch.")
 _BATCHES = flags.DEFINE_integer("batches", 2, "Batches compared.")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "The low-precision dtype.")
@@ -113,4 +111,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=config_flags_cli.flags_parser("compare_dtypes"))

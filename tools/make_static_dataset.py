@@ -24,14 +24,14 @@ if __name__ == "__main__":
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
+from synthdistill_jax import config_flags_cli
 from synthdistill_jax import errors
 from synthdistill_jax import experiment
 from synthdistill_jax import progress
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+config_flags_cli.define_config("config", "Experiment config file.")
 flags.DEFINE_string("output", None, "TFDS data directory to write.")
 flags.DEFINE_integer("num_examples", 4096, "How many faces to write.")
 flags.DEFINE_integer("seed", 0, "Seed of the static set's latents.")
@@ -41,6 +41,8 @@ progress.define_flag()
 @errors.exit_on_ctrl_c
 def main(argv) -> None:
   del argv
+  if FLAGS.config is None:
+    _fail("--config is required, e.g. --config=configs/demo.py:tiny")
   from synthdistill_jax.data import static_dataset  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
@@ -103,5 +105,4 @@ def _chain(first, rest):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=config_flags_cli.flags_parser())

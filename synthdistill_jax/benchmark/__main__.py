@@ -19,8 +19,8 @@ if __name__ == "__main__":
 from absl import app
 from absl import flags
 import jax
-from ml_collections import config_flags
 
+from synthdistill_jax import config_flags_cli
 from synthdistill_jax import errors
 from synthdistill_jax import experiment
 from synthdistill_jax import progress
@@ -30,22 +30,13 @@ from synthdistill_jax.benchmark import timing
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-# New attributes are accepted so that kwargs dicts such as generator.random
-# can gain keys from the command line (`--config.generator.random.x=y`).
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    None,
-    "Experiment config file (path[:arg]).",
-    lock_config=False,
-    accept_new_attributes=True,
+_CONFIG = config_flags_cli.define_config(
+    "config", "Experiment config file (path[:arg])."
 )
-_COMPARE = config_flags.DEFINE_config_file(
+_COMPARE = config_flags_cli.define_config(
     "compare",
-    None,
     "Second config to run side by side in the same process; overrides via"
     " --compare.x=y. The ratio second/first is printed.",
-    lock_config=False,
-    accept_new_attributes=True,
 )
 _OUTPUT = flags.DEFINE_string("output", "benchmark.json", "JSON output path.")
 _BATCH_SIZE = flags.DEFINE_integer(
@@ -130,4 +121,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=config_flags_cli.flags_parser("benchmark"))
