@@ -6,6 +6,7 @@ not a bug: `exit_on_ctrl_c` makes it one line and exit status 130.
 """
 
 import _thread
+import argparse
 import functools
 import signal
 import sys
@@ -17,6 +18,17 @@ INTERRUPTED_STATUS = 130
 
 class ConfigError(ValueError):
   """A config that cannot run; the message is one line for the user."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse for the tools: a usage mistake is one line, exit status 2.
+
+  argparse prints its usage block (3-4 lines) above the message; the
+  message already names the argument, and `--help` has the rest.
+  """
+
+  def error(self, message: str):
+    self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def check_choice(value: str, choices, field: str, note: str = "") -> str:

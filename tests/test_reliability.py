@@ -158,6 +158,31 @@ def test_command_line_mistakes_are_one_line(tmp_path):
     assert time.perf_counter() - start < 60
 
 
+def test_tool_usage_mistakes_are_one_line():
+  # argparse printed its 3-4 line usage block above the message.
+  cases = [
+      ("convert_face_model.py", [], "required: --arch, --input"),
+      ("convert_stylegan2.py", ["--input=x"], "required: --output"),
+      (
+          "export_student.py",
+          ["--checkpoint=x", "--format=tflite", "--output=y"],
+          "invalid choice: 'tflite'",
+      ),
+  ]
+  for tool, args, expected in cases:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / tool), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"{tool}: error: ") and expected in line, line
+    assert line.endswith("(see --help)")
+
+
 def test_a_live_lock_refuses_and_a_dead_one_is_taken_over(tmp_path):
   messages = []
   first = workdir_lib.RunLock(tmp_path, messages.append).acquire()

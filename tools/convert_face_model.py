@@ -58,7 +58,7 @@ _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
   """Parses the command line (see the module docstring)."""
-  parser = argparse.ArgumentParser(
+  parser = errors.ArgumentParser(
       description=__doc__.split("\n\n", maxsplit=1)[0]
   )
   parser.add_argument("--arch", required=True, help="architecture name")

@@ -12,7 +12,6 @@ NaN/Inf is refused unless `--allow_nonfinite` is given, a non-float tensor
 is refused rather than cast.
 """
 
-import argparse
 import json
 import pathlib
 import sys
@@ -26,7 +25,7 @@ from synthdistill_jax.convert import stylegan2 as convert_stylegan2
 
 def parse_args(argv):
   """Parses the command line."""
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = errors.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--input", required=True, help=".pkl or state dict")
   parser.add_argument("--output", required=True, help="model folder to write")
   parser.add_argument(

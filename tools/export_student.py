@@ -27,7 +27,7 @@ from synthdistill_jax.export import student
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
   """Parses the command line (see the module docstring)."""
-  parser = argparse.ArgumentParser(
+  parser = errors.ArgumentParser(
       description=__doc__.split("\n\n", maxsplit=1)[0]
   )
   parser.add_argument(
