@@ -275,6 +275,14 @@ def test_cli_usage_errors(tmp_path):
   result = _run_cli(f"--model={tmp_path / 'absent'}", "--bins=x.bin")
   assert result.returncode == 2
   assert "absent: no such model" in result.stderr.strip().splitlines()[-1]
+  # A model folder given as --workdir: the flag to use instead.
+  save_tiny_model(tmp_path / "student")
+  result = _run_cli(f"--workdir={tmp_path / 'student'}", "--bins=x.bin")
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"error: --workdir={tmp_path / 'student'} is a model folder, not a"
+      f" training workdir: give --model={tmp_path / 'student'}"
+  )
   (tmp_path / "toy.bin").write_bytes(pickle.dumps(([b"\x89PNG"] * 3, [True])))
   result = _run_cli(f"--model={tmp_path}", f"--bins={tmp_path / 'toy.bin'}")
   assert result.returncode == 2
