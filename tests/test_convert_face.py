@@ -15,6 +15,7 @@ import pytest
 from synthdistill_jax import models
 from synthdistill_jax import safe_pickle
 from synthdistill_jax.convert import face
+from synthdistill_jax.convert import stylegan2
 from tests import golden
 from tests import test_iresnet
 
@@ -259,3 +260,17 @@ def test_integer_weight_is_refused_not_cast(tmp_path, arch):
   with pytest.raises(ValueError) as e:
     face.load_face_model(path, arch)
   _one_line_error(e, path, f"tensor {key} has dtype int64", "rather than cast")
+
+
+def test_a_folder_given_as_the_checkpoint_file_says_so(tmp_path):
+  # A converted model folder or a workdir passed as --input.
+  with pytest.raises(
+      FileNotFoundError, match="is a folder; give the checkpoint"
+  ):
+    face.load_state_dict(tmp_path)
+  with pytest.raises(FileNotFoundError, match="absent.pth: no such file"):
+    face.load_state_dict(tmp_path / "absent.pth")
+  with pytest.raises(
+      stylegan2.ConversionError, match="is a folder; give the checkpoint"
+  ):
+    stylegan2.read_checkpoint(tmp_path)

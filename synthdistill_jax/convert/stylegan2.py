@@ -409,7 +409,7 @@ def read_checkpoint(path, config=None):
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise ConversionError(f"{path}: no such file")
+    raise ConversionError(torch_io.not_a_file(path))
   if config is not None:
     kwargs = _normalise_config(config)
     metadata = dict(format="state_dict", defaults_used={})

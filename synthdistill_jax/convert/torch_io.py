@@ -34,6 +34,14 @@ def _import_torch(path: str):
   return torch
 
 
+def not_a_file(path: str) -> str:
+  """Why `path`, given as a checkpoint file, is not one (one line)."""
+  if os.path.isdir(path):
+    # A converted model folder, or a training workdir, given by mistake.
+    return f"{path}: is a folder; give the checkpoint file itself"
+  return f"{path}: no such file"
+
+
 def read_file(path: str) -> Any:
   """`torch.load` with weights only, every failure as one line.
 
@@ -55,7 +63,7 @@ def read_file(path: str) -> Any:
   """
   torch = _import_torch(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: no such file")
+    raise FileNotFoundError(not_a_file(path))
   try:
     with warnings.catch_warnings():
       # torch warns about pickle protocols on stderr; the file is refused or
