@@ -46,6 +46,7 @@ from synthdistill_jax import config_flags_cli
 from synthdistill_jax import distill
 from synthdistill_jax import errors
 from synthdistill_jax import experiment
+from synthdistill_jax import platforms
 from synthdistill_jax import progress
 
 # libtpu looks for TPU worker hosts when it loads (there are none on a CPU
@@ -356,6 +357,7 @@ def format_table(r: dict[str, Any]) -> str:
 @errors.exit_on_ctrl_c
 def main(argv: list[str]) -> None:
   """Compiles, prints the table, writes the JSON; exit 2 on user errors."""
+  platforms.skip_absent_tpu()  # Before JAX starts its runtimes.
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}")
   if _CONFIG.value is None:

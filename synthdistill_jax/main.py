@@ -30,6 +30,7 @@ import jax
 from synthdistill_jax import checkpoints
 from synthdistill_jax import config_flags_cli
 from synthdistill_jax import errors
+from synthdistill_jax import platforms
 from synthdistill_jax import train
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -78,6 +79,7 @@ def _fail(message: str, status: int = 1) -> None:
 
 
 def main(argv) -> None:
+  platforms.skip_absent_tpu()  # Before JAX starts its runtimes.
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
   missing = [f"--{n}" for n in ("config", "workdir") if FLAGS[n].value is None]

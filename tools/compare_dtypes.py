@@ -32,6 +32,7 @@ from synthdistill_jax import config_flags_cli
 from synthdistill_jax import distill
 from synthdistill_jax import errors
 from synthdistill_jax import experiment
+from synthdistill_jax import platforms
 
 _CONFIG = config_flags_cli.define_config("config", "Experiment config file.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Faces per batch.")
@@ -60,6 +61,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 @errors.exit_on_ctrl_c
 def main(argv) -> None:
   del argv
+  platforms.skip_absent_tpu()  # Before JAX starts its runtimes.
   if _CONFIG.value is None:
     sys.exit("compare_dtypes: error: --config is required")
   try:

@@ -29,6 +29,7 @@ import sys
 
 from synthdistill_jax import errors
 from synthdistill_jax import models
+from synthdistill_jax import platforms
 from synthdistill_jax import progress
 from synthdistill_jax import safe_pickle
 from synthdistill_jax.convert import face
@@ -199,6 +200,7 @@ def convert(args: argparse.Namespace) -> None:
 @errors.exit_on_ctrl_c
 def main(argv: list[str] | None = None) -> int:
   """Runs the tool; returns the exit status."""
+  platforms.skip_absent_tpu()  # Before JAX starts its runtimes.
   args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
     convert(args)

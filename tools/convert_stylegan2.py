@@ -18,6 +18,7 @@ import sys
 
 from synthdistill_jax import errors
 from synthdistill_jax import models
+from synthdistill_jax import platforms
 from synthdistill_jax import progress
 from synthdistill_jax import safe_pickle
 from synthdistill_jax.convert import stylegan2 as convert_stylegan2
@@ -100,6 +101,7 @@ def convert(
 @errors.exit_on_ctrl_c
 def main(argv=None) -> int:
   """Entry point; returns the exit status."""
+  platforms.skip_absent_tpu()  # Before JAX starts its runtimes.
   args = parse_args(argv)
   try:
     print(

@@ -21,6 +21,7 @@ import argparse
 import sys
 
 from synthdistill_jax import errors
+from synthdistill_jax import platforms
 from synthdistill_jax import safe_pickle
 from synthdistill_jax.export import student
 
@@ -78,6 +79,7 @@ def export(args: argparse.Namespace) -> None:
 @errors.exit_on_ctrl_c
 def main(argv: list[str] | None = None) -> int:
   """Runs the tool; returns the exit status."""
+  platforms.skip_absent_tpu()  # Before JAX starts its runtimes.
   args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
     export(args)

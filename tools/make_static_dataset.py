@@ -28,6 +28,7 @@ from absl import flags
 from synthdistill_jax import config_flags_cli
 from synthdistill_jax import errors
 from synthdistill_jax import experiment
+from synthdistill_jax import platforms
 from synthdistill_jax import progress
 
 FLAGS = flags.FLAGS
@@ -41,6 +42,7 @@ progress.define_flag()
 @errors.exit_on_ctrl_c
 def main(argv) -> None:
   del argv
+  platforms.skip_absent_tpu()  # Before JAX starts its runtimes.
   if FLAGS.config is None:
     _fail("--config is required, e.g. --config=configs/demo.py:tiny")
   from synthdistill_jax.data import static_dataset  # pylint: disable=g-import-not-at-top

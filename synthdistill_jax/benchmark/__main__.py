@@ -23,6 +23,7 @@ import jax
 from synthdistill_jax import config_flags_cli
 from synthdistill_jax import errors
 from synthdistill_jax import experiment
+from synthdistill_jax import platforms
 from synthdistill_jax import progress
 from synthdistill_jax.benchmark import report
 from synthdistill_jax.benchmark import stages
@@ -65,6 +66,7 @@ _PROGRESS = progress.define_flag()
 @errors.exit_on_ctrl_c
 def main(argv: list[str]) -> None:
   """Runs the benchmark(s) named by the flags and writes the JSON."""
+  platforms.skip_absent_tpu()  # Before JAX starts its runtimes.
   if len(argv) > 1:
     sys.exit(f"benchmark: error: unexpected arguments {argv[1:]}")
   if _CONFIG.value is None:

@@ -37,6 +37,7 @@ from absl import logging
 import ml_collections
 
 from synthdistill_jax import errors
+from synthdistill_jax import platforms
 from synthdistill_jax import progress
 from synthdistill_jax import safe_pickle
 from synthdistill_jax.data import verification_bin
@@ -201,6 +202,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 @errors.exit_on_ctrl_c
 def main(argv: list[str]) -> None:
   """Validates every input, loads the model, evaluates, writes the report."""
+  platforms.skip_absent_tpu()  # Before JAX starts its runtimes.
   # Bad input (files, flags, model folder) is one line on stderr and status
   # 2, before anything runs; errors after this point are bugs and keep
   # their traceback, except what the data or the model cause (NaN
