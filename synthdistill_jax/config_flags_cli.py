@@ -139,7 +139,7 @@ def _new_field(
 
 
 def _check_config_flag(flag, fail: Callable[[str], None]) -> None:
-  """One config flag, given: its file, its value, its overrides."""
+  """Checks a config flag that was given; then locks its config."""
   try:
     config = flag.value
     # The file as written, without the overrides: which keys it has.

@@ -35,11 +35,21 @@ def test_a_host_without_tpu_starts_no_tpu_runtime():
   if platforms.tpu_present() or platforms._jax_plugins_installed():
     pytest.skip("this host may have an accelerator")
   env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  chosen, stderr = _platforms_chosen(env)
+  assert chosen == "'cpu' cpu"  # The setting, and the backend JAX started.
+  assert "TPU" not in stderr, stderr
+  # The user's own setting, even an empty one (every platform), stays.
+  chosen, _ = _platforms_chosen(dict(env, JAX_PLATFORMS=""))
+  assert chosen.startswith("'' "), chosen
+
+
+def _platforms_chosen(env) -> tuple[str, str]:
+  """`jax_platforms` and the backend of a process after `skip_absent_tpu`."""
   code = (
       "from synthdistill_jax import platforms\n"
       "platforms.skip_absent_tpu()\n"
       "import jax\n"
-      "print(jax.default_backend())\n"
+      "print(repr(jax.config.jax_platforms), jax.default_backend())\n"
   )
   proc = subprocess.run(
       [sys.executable, "-c", code],
@@ -50,17 +60,4 @@ def test_a_host_without_tpu_starts_no_tpu_runtime():
       timeout=120,
       check=True,
   )
-  assert proc.stdout.strip() == "cpu"
-  assert "TPU" not in proc.stderr, proc.stderr
-  # The user's own choice is left alone.
-  env["JAX_PLATFORMS"] = ""
-  proc = subprocess.run(
-      [sys.executable, "-c", code],
-      cwd=ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=120,
-      check=True,
-  )
-  assert proc.stdout.strip() == "cpu"
+  return proc.stdout.strip(), proc.stderr
