@@ -84,17 +84,17 @@ def _resolve_paths() -> tuple[pathlib.Path, pathlib.Path]:
   else:
     model = pathlib.Path(FLAGS.model)
     default_out = (model.parent if model.is_file() else model) / "eval"
-  if not model.exists():
-    if FLAGS.workdir and (pathlib.Path(FLAGS.workdir) / "model.json").exists():
+  if not model.exists() and FLAGS.workdir:
+    if (model.parent / "model.json").exists():
       raise FileNotFoundError(
           f"--workdir={FLAGS.workdir} is a model folder, not a training"
           f" workdir: give --model={FLAGS.workdir}"
       )
-    if FLAGS.workdir:
-      raise FileNotFoundError(
-          f"{model}: no such model folder (the trainer writes WORKDIR/student"
-          " at its first checkpoint)"
-      )
+    raise FileNotFoundError(
+        f"{model}: no such model folder (the trainer writes WORKDIR/student"
+        " at its first checkpoint)"
+    )
+  if not model.exists():
     raise FileNotFoundError(f"{model}: no such model folder or file")
   output = pathlib.Path(FLAGS.output) if FLAGS.output else default_out
   _check_output(output)
