@@ -64,18 +64,21 @@ def _write_errors(manager, workdir, what: str):
   except (OSError, ValueError, RuntimeError) as e:
     if not checkpoints.is_write_error(e):
       raise
-    text = str(e)
-    code = re.search(r"os_error_code='(\d+)'", text)
-    if isinstance(e, OSError) and e.strerror:
-      cause = f"{e.strerror}: {e.filename or ''}".rstrip(": ")
-    elif code:
-      cause = os.strerror(int(code.group(1)))
-    else:
-      cause = (text.strip().splitlines() or [""])[0][:300]
     raise WriteFailed(
-        f"{what} in {workdir} failed ({cause}); {_newest(manager)}:"
+        f"{what} in {workdir} failed ({_cause(e)}); {_newest(manager)}:"
         " free space or restore access, then run the same command to resume"
     ) from e
+
+
+def _cause(error: BaseException) -> str:
+  """The OS error behind a failed write, short (for a one-line message)."""
+  text = str(error)
+  code = re.search(r"os_error_code='(\d+)'", text)
+  if isinstance(error, OSError) and error.strerror:
+    return f"{error.strerror}: {error.filename or ''}".rstrip(": ")
+  if code:
+    return os.strerror(int(code.group(1)))
+  return (text.strip().splitlines() or [""])[0][:300]
 
 
 def _newest(manager) -> str:
@@ -244,6 +247,7 @@ class _Run:
     writer: the `metrics_io.MetricWriter`.
     log: prints a line above the progress bar (primary process only).
     evaluator: `evaluation.training.TrainingEvaluator` of `config.evals` (built once).
+    saving: the iteration whose asynchronous save may still be in flight.
   """
 
   exp: experiment.Experiment
@@ -252,6 +256,8 @@ class _Run:
   writer: metrics_io.MetricWriter
   log: Callable[[str], None]
   evaluator: Any = None
+  # The iteration of an asynchronous save not yet known to be complete.
+  saving: int | None = None
 
   @property
   def config(self):
@@ -339,12 +345,17 @@ def check_free_space(workdir, need: int, when: str, manager) -> None:
     )
 
 
-def _save(run: _Run, state, step: int) -> None:
+def _save(run: _Run, state, step: int, *, confirm: bool = False) -> None:
   """Checkpoint plus the `WORKDIR/student` model folder.
+
+  A previous asynchronous save that failed is reported first; this save
+  then replaces it and is waited for (`confirm`), so that a second failure
+  stops the run at once instead of at the next save.
 
   Raises:
     WriteFailed: either could not be written (a full disk, lost access).
   """
+  confirm = _background_save_failed(run, step, wait=True) or confirm
   check_free_space(
       run.workdir, _save_bytes(state), f"saving iteration {step}", run.manager
   )
@@ -361,6 +372,69 @@ def _save(run: _Run, state, step: int) -> None:
         host,
         {"step": step, "config": run.config.name},
     )
+    if confirm:
+      run.manager.wait_until_finished()
+    elif run.config.checkpoint.use_async:
+      run.saving = step
+
+
+def _background_save_failed(run: _Run, now: int, *, wait: bool) -> bool:
+  """Whether the asynchronous save of iteration `run.saving` failed.
+
+  orbax reports a background write's error only when the next save starts
+  or the run ends: a save that failed at iteration k (a storage hiccup, lost
+  access) was found a whole checkpoint interval later, with everything since
+  k lost on a stop. Asked at every log step, it is found within
+  `log_every_steps` and replaced by a save of iteration `now`. With several
+  processes all of them decide alike (a save is a collective).
+
+  Args:
+    run: the run (`run.saving` is cleared once the save is known complete).
+    now: the iteration that will be saved instead, for the message.
+    wait: wait for a save still being written; otherwise it counts as not
+      failed, and is asked about again next time.
+
+  Returns:
+    True if it failed (logged, one line, with the cause).
+
+  Raises:
+    Whatever the save raised that is not a write error (a bug).
+  """
+  if run.saving is None:
+    return False
+  manager = run.manager
+  done = wait or not manager.is_saving_in_progress()
+  error = None
+  if done:
+    try:
+      manager.wait_until_finished()  # Returns at once: nothing is running.
+    except (OSError, ValueError, RuntimeError) as e:
+      if not checkpoints.is_write_error(e):
+        raise
+      error = e
+  failed, running = error is not None, not done
+  if jax.process_count() > 1:
+    flags = multihost_utils.process_allgather(
+        np.array([failed, running], np.int32)
+    )
+    failed, running = (bool(x) for x in np.max(flags, axis=0))
+    if failed and not done:
+      # Another process's part failed: this one's is replaced all the same.
+      try:
+        manager.wait_until_finished()
+      except (OSError, ValueError, RuntimeError) as e:
+        if not checkpoints.is_write_error(e):
+          raise
+  if running and not failed:
+    return False
+  if failed:
+    cause = _cause(error) if error is not None else "on another process"
+    run.log(
+        f"saving iteration {run.saving} failed in the background ({cause});"
+        f" saving iteration {now} instead"
+    )
+  run.saving = None
+  return failed
 
 
 def enable_compilation_cache(config, workdir: epath.Path) -> str | None:
@@ -601,6 +675,8 @@ def _loop(run: _Run, state) -> TrainResult:
       if save_now or stop:
         # Save first: a preempted machine may have seconds left.
         _save(run, state, step)
+      elif log_now and _background_save_failed(run, step, wait=False):
+        _save(run, state, step, confirm=True)
       if stop:
         run.log(
             f"{flag.signal_name or 'SIGTERM'}: saved iteration {step} and"
@@ -614,5 +690,8 @@ def _loop(run: _Run, state) -> TrainResult:
         )
       if epoch_end or save_now:
         window_start, window_steps = time.perf_counter(), 0
+    # The last save may still be in flight: it must not fail unseen.
+    if _background_save_failed(run, step, wait=True):
+      _save(run, state, step, confirm=True)
   result.state = state
   return result

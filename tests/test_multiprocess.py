@@ -36,6 +36,9 @@ def test_two_processes_match_one_process(tmp_path):
       "schedule.steps_per_epoch": STEPS,
       "schedule.epochs": 2,
       "evals.bins": [str(bin_path)],
+      # Both processes ask after the save in flight at each log step.
+      "checkpoint.use_async": True,
+      "log_every_steps": 1,
   }
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS=conftest.xla_flags(1))

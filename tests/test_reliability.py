@@ -928,6 +928,85 @@ def test_a_failed_write_is_one_line_and_a_bug_keeps_its_traceback(
   assert checkpoints.is_write_error(PermissionError(13, "Permission denied"))
 
 
+class _FailedWrite:
+  """A background write of an async save that fails (as a lost disk would)."""
+
+  def result(self, timeout=None):
+    del timeout
+    time.sleep(0.05)  # In flight for an iteration or two.
+    raise OSError(5, "Input/output error", "params.w/0")
+
+
+def _fail_background_saves(monkeypatch, steps):
+  """Makes the async checkpoint saves of iterations `steps` fail late."""
+  save = ocp.StandardCheckpointHandler.async_save
+
+  async def async_save(self, directory, *args, **kwargs):
+    futures = await save(self, directory, *args, **kwargs)
+    # directory: .../checkpoints/<step>.orbax-checkpoint-tmp/default...
+    name = pathlib.Path(os.fspath(directory)).parent.name.split(".")[0]
+    if name.isdigit() and int(name) in steps:
+      return list(futures or []) + [_FailedWrite()]
+    return futures
+
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", async_save)
+
+
+def _async_config():
+  return tiny.tiny_config(
+      **{
+          "checkpoint.use_async": True,
+          "checkpoint.every_steps": 6,
+          "schedule.epochs": 2,
+          "schedule.steps_per_epoch": 6,
+          "log_every_steps": 1,
+      }
+  )
+
+
+def test_a_failed_background_save_is_replaced_at_the_next_log_step(
+    tmp_path, monkeypatch, capsys
+):
+  # orbax reports it only when the next save starts: the run went on
+  # without a checkpoint for a whole interval, then stopped there.
+  _fail_background_saves(monkeypatch, {6})
+  result = train.train_and_evaluate(_async_config(), str(tmp_path))
+  assert int(result.state.step) == 12
+  out = capsys.readouterr().out
+  line = next(l for l in out.splitlines() if "in the background" in l)
+  replaced = int(line.rsplit("saving iteration ", 1)[1].split()[0])
+  assert line == (
+      "saving iteration 6 failed in the background (Input/output error:"
+      f" params.w/0); saving iteration {replaced} instead"
+  )
+  # Found at a log step; on a loaded host perhaps only at the next save.
+  assert 6 < replaced <= 12
+  manager = checkpoints.create_manager(
+      tmp_path / "checkpoints", keep=3, use_async=False
+  )
+  assert manager.all_steps() == sorted({replaced, 12})
+  manager.close()
+
+
+def test_a_background_save_failing_again_stops_at_once(
+    tmp_path, monkeypatch, capsys
+):
+  _fail_background_saves(monkeypatch, set(range(6, 13)))
+  with pytest.raises(train.WriteFailed) as info:
+    train.train_and_evaluate(_async_config(), str(tmp_path))
+  message = _one_line_error(str(info.value))
+  step = int(message.split("saving iteration ", 1)[1].split()[0])
+  assert 6 < step <= 12, message
+  assert message == (
+      f"saving iteration {step} in {tmp_path} failed (Input/output error:"
+      " params.w/0); no checkpoint is complete: free space or restore"
+      " access, then run the same command to resume"
+  )
+  assert "iteration 6 failed in the background" in capsys.readouterr().out
+  # Stopped where the second save failed, not at the next interval's.
+  assert max(r["step"] for r in metrics_io.read_metrics(tmp_path)) == step
+
+
 def _logged(name, pathname, error):
   """How a handler prints `error`, logged by `name` from `pathname`."""
   try:
