@@ -40,3 +40,20 @@ def test_one_and_eight_devices_agree(tmp_path, student_sharding):
   np.testing.assert_allclose(
       r1.validation[-1]["r2"], r8.validation[-1]["r2"], atol=1e-2
   )
+  if student_sharding == "sharded":
+    # A preempted 8-chip run restarted on a smaller host: the checkpoint
+    # (student sharded, Adam per parameter) resumes on 1 device, replicated
+    # with Adam raveled, and goes on from where it stopped.
+    config = test_train.tiny_config(
+        **{
+            "mesh.num_devices": 1,
+            "schedule.steps_per_epoch": 2,
+            "schedule.epochs": 2,
+        }
+    )
+    resumed = train.train_and_evaluate(config, str(tmp_path / "8"))
+    assert int(resumed.state.step) == 4
+    steps = [
+        r["step"] for r in metrics_io.read_metrics(tmp_path / "8", "train")
+    ]
+    assert steps == [1, 2, 3, 4]
