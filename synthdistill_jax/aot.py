@@ -48,6 +48,7 @@ from synthdistill_jax import errors
 from synthdistill_jax import experiment
 from synthdistill_jax import platforms
 from synthdistill_jax import progress
+from synthdistill_jax import validation
 
 # libtpu looks for TPU worker hosts when it loads (there are none on a CPU
 # host) and takes a machine-wide lock meant for real chips; a compile-only
@@ -371,6 +372,7 @@ def main(argv: list[str]) -> None:
   if _BATCH_SIZE.value is not None:
     config.schedule.batch_size = _BATCH_SIZE.value
   try:
+    validation.check_output_file(_OUTPUT.value, "--output")
     record = compile_for_topology(config, _TOPOLOGY.value, _PROGRESS.value)
   except (AotError, experiment.ConfigError) as e:
     _fail(str(e))

@@ -121,6 +121,41 @@ def check_workdir(workdir: str) -> None:
     ) from None
 
 
+def check_output_file(path: str, flag: str) -> None:
+  """A file a command writes at its end can be written there.
+
+  Checked before the work (minutes of compiling and timing), so that a
+  folder given as the file, or a folder that cannot be created or written,
+  is one line at the start instead of a traceback at the end.
+
+  Args:
+    path: local path or URI (gs://...).
+    flag: the flag that named it, e.g. '--output'.
+
+  Raises:
+    ConfigError: naming the flag, the path and the fix.
+  """
+  target = epath.Path(path)
+  if not path.strip():
+    raise ConfigError(f"{flag} is empty: give the file to write")
+  if target.is_dir():
+    raise ConfigError(
+        f"{flag}={path}: is a folder; give a file in it, e.g."
+        f" {flag}={target / 'out.json'}"
+    )
+  probe = target.parent / f".write-probe-{uuid.uuid4().hex}"
+  try:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    reason = e.strerror or type(e).__name__
+    raise ConfigError(
+        f"{flag}={path}: cannot write in {target.parent} ({reason}); choose"
+        " a writable folder"
+    ) from None
+
+
 def check_paths(config) -> None:
   """Every input path named by the config exists and is of the right kind."""
   folders = [

@@ -138,6 +138,10 @@ def test_aot_refuses_a_batch_the_chips_do_not_divide(tmp_path):
       ),
       (["--topology=v5e"], "--topology='v5e': expected <generation>:<shape>"),
       (["--topology=v9z:2x2"], "--topology='v9z:2x2': "),
+      (
+          ["--topology=v5e:2x2", f"--output={tmp_path}"],
+          f"--output={tmp_path}: is a folder; give a file in it",
+      ),
   ):
     result = _aot_cli(tiny_config, f"--output={output}", *flags)
     assert result.returncode == 2, result.stderr[-2000:]
@@ -146,7 +150,7 @@ def test_aot_refuses_a_batch_the_chips_do_not_divide(tmp_path):
     ]
     assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
     assert not output.exists()
-    if "batch_size" in expected:
+    if "batch_size" in expected or "--output" in expected:
       # Checked before libtpu loads: nothing but the one line.
       assert result.stderr.strip() == lines[0]
 

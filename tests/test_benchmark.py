@@ -245,6 +245,29 @@ def test_cli_refuses_a_bad_setting_before_measuring_the_peak(tmp_path):
   assert "peak float32 matmul" not in result.stderr
 
 
+def test_cli_flag_mistakes_are_one_line_before_any_work(tmp_path):
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  for flag, expected in (
+      ("--iters=0", "flag --iters=0: 0 is not a positive integer"),
+      ("--warmup=-1", "flag --warmup=-1: -1 is not a non-negative integer"),
+      (
+          f"--output={tmp_path}",
+          f"--output={tmp_path}: is a folder; give a file in it, e.g."
+          f" --output={tmp_path / 'out.json'}",
+      ),
+      (f"--output={afile / 'b.json'}", f"--output={afile / 'b.json'}: cannot"),
+  ):
+    result = subprocess.run(
+        _demo_command(flag), cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    # --iters=0 used to time nothing and end in a traceback from `median`.
+    assert result.stderr.strip().startswith(f"benchmark: error: {expected}")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "peak float32 matmul" not in result.stdout
+
+
 def test_measure_peak_reports_matmul_flops():
   peak = timing.measure_peak("float32", 128, warmup=1, iters=2)
   assert peak["flops_per_s"] > 0

@@ -98,6 +98,16 @@ def test_workdir_that_is_a_file_or_unwritable(tmp_path):
   ):
     with pytest.raises(errors.ConfigError, match=expected):
       validation.check_workdir(str(workdir))
+  # A file written at the end of a long command (benchmark, aot --output).
+  for output, expected in (
+      (tmp_path, "is a folder; give a file in it"),
+      (afile / "out.json", "cannot write in"),
+      ("", "--output is empty"),
+  ):
+    with pytest.raises(errors.ConfigError, match=expected):
+      validation.check_output_file(str(output), "--output")
+  validation.check_output_file(str(tmp_path / "new" / "out.json"), "--output")
+  assert [p.name for p in (tmp_path / "new").iterdir()] == []
 
 
 def test_an_empty_workdir_is_refused_not_the_current_folder(

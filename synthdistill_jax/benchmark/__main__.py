@@ -25,6 +25,7 @@ from synthdistill_jax import errors
 from synthdistill_jax import experiment
 from synthdistill_jax import platforms
 from synthdistill_jax import progress
+from synthdistill_jax import validation
 from synthdistill_jax.benchmark import report
 from synthdistill_jax.benchmark import stages
 from synthdistill_jax.benchmark import timing
@@ -43,8 +44,12 @@ _OUTPUT = flags.DEFINE_string("output", "benchmark.json", "JSON output path.")
 _BATCH_SIZE = flags.DEFINE_integer(
     "batch_size", None, "Overrides schedule.batch_size of every config."
 )
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls per stage.")
-_ITERS = flags.DEFINE_integer("iters", 5, "Timed calls per stage.")
+_WARMUP = flags.DEFINE_integer(
+    "warmup", 2, "Untimed calls per stage.", lower_bound=0
+)
+_ITERS = flags.DEFINE_integer(
+    "iters", 5, "Timed calls per stage.", lower_bound=1
+)
 _RANDOM_WEIGHTS = flags.DEFINE_bool(
     "random_weights",
     False,
@@ -58,7 +63,10 @@ _PROFILE_DIR = flags.DEFINE_string(
     " DIR/<config>/<stage> (open with TensorBoard's profile plugin or XProf).",
 )
 _PEAK_SIZE = flags.DEFINE_integer(
-    "peak_size", None, "Side of the square peak matmul (default by backend)."
+    "peak_size",
+    None,
+    "Side of the square peak matmul (default by backend).",
+    lower_bound=1,
 )
 _PROGRESS = progress.define_flag()
 
@@ -75,6 +83,10 @@ def main(argv: list[str]) -> None:
   # run in a segmentation fault at the first stage's profile.
   if _PROFILE_DIR.value and (conflict := timing.find_profiler_conflict()):
     sys.exit(f"benchmark: error: --profile_dir: {conflict}")
+  try:
+    validation.check_output_file(_OUTPUT.value, "--output")
+  except experiment.ConfigError as e:
+    sys.exit(f"benchmark: error: {e}")
   configs = [_CONFIG.value]
   if _COMPARE.value is not None:
     configs.append(_COMPARE.value)
