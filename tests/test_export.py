@@ -113,6 +113,69 @@ def test_export_cli_onnx_round_trip_within_1e4(tmp_path):
   assert os.path.getsize(model_dir / "student.onnx") > 1e6
 
 
+def test_export_cli_never_installs_an_export_that_fails_its_check(tmp_path):
+  model_dir = _save_golden_student(tmp_path / "run" / "student")
+  output = tmp_path / "out" / "student.pth"
+  output.parent.mkdir()
+  output.write_bytes(b"the user's earlier export")
+  command = [
+      sys.executable,
+      str(ROOT / "tools" / "export_student.py"),
+      f"--checkpoint={model_dir}",
+      "--format=torch",
+      f"--output={output}",
+  ]
+  result = subprocess.run(
+      # No float32 export equals JAX to 0: the check fails.
+      command + ["--tolerance=0"],
+      capture_output=True,
+      text=True,
+      env=_subprocess_env(),
+      timeout=600,
+      check=False,
+  )
+  assert result.returncode == 1
+  (line,) = result.stderr.strip().splitlines()
+  assert line.startswith(f"export_student: error: {output}: outputs differ")
+  assert line.endswith(
+      f"nothing written there (the export is kept as {output}.rejected for"
+      " inspection)"
+  )
+  # The file there before is untouched; no temporary is left.
+  assert output.read_bytes() == b"the user's earlier export"
+  assert sorted(p.name for p in output.parent.iterdir()) == [
+      "student.pth",
+      "student.pth.rejected",
+  ]
+  result = subprocess.run(
+      command,
+      capture_output=True,
+      text=True,
+      env=_subprocess_env(),
+      timeout=600,
+      check=False,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().splitlines()[-1] == f"wrote {output}"
+  torch = pytest.importorskip("torch")
+  state = torch.load(output, map_location="cpu", weights_only=True)
+  assert len(state) > 10
+  folder = [a for a in command if not a.startswith("--output")]
+  result = subprocess.run(
+      folder + [f"--output={output.parent}"],
+      capture_output=True,
+      text=True,
+      env=_subprocess_env(),
+      timeout=600,
+      check=False,
+  )
+  assert result.returncode == 1
+  assert result.stderr.strip() == (
+      f"export_student: error: --output={output.parent}: is a folder; give a"
+      f" file in it, e.g. --output={output}"
+  )
+
+
 def test_round_trip_matches_jax_within_1e4(tmp_path):
   pytest.importorskip("onnxruntime")
   from synthdistill_jax import models  # pylint: disable=g-import-not-at-top

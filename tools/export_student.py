@@ -13,11 +13,14 @@ mobilefacenet) that `torch.load(weights_only=True)` and a strict
 NCHW float32 normalised like the network's training input, output
 `embedding`. Afterwards the same random batch is embedded with JAX, PyTorch
 (and onnxruntime) and the max |difference| printed; `--tolerance` makes a
-larger one an error. Needs the `export` extra. Errors are one line on stderr
+larger one an error, and the file is then kept as `OUTPUT.rejected`, not
+at `OUTPUT`. Needs the `export` extra. Errors are one line on stderr
 and exit status 1.
 """
 
 import argparse
+import os
+import pathlib
 import sys
 
 from synthdistill_jax import errors
@@ -51,28 +54,51 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def export(args: argparse.Namespace) -> None:
-  """Writes the file, then compares its outputs with JAX."""
+  """Writes the file, compares its outputs with JAX, then puts it in place.
+
+  Written under a temporary name beside `--output` and renamed only once
+  the comparison passes: a run stopped half-way, or an export whose outputs
+  differ, never leaves a file at `--output` that looks finished.
+  """
   model_dir = student.resolve_model_dir(args.checkpoint)
   suffix = "pth" if args.format == "torch" else "onnx"
-  output = args.output or str(model_dir / f"student.{suffix}")
-  if args.format == "torch":
-    path = student.export_torch(model_dir, output)
-    onnx_path = None
-  else:
-    path = onnx_path = student.export_onnx(model_dir, output)
-  print(f"wrote {path}")
-  if args.no_check:
-    return
+  output = pathlib.Path(args.output or model_dir / f"student.{suffix}")
+  if output.is_dir():
+    raise ValueError(
+        f"--output={output}: is a folder; give a file in it, e.g."
+        f" --output={output / f'student.{suffix}'}"
+    )
+  output.parent.mkdir(parents=True, exist_ok=True)
+  temporary = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+  try:
+    if args.format == "torch":
+      student.export_torch(model_dir, temporary)
+      onnx_path = None
+    else:
+      onnx_path = student.export_onnx(model_dir, temporary)
+    if not args.no_check:
+      _check(model_dir, onnx_path, args.tolerance, output, temporary)
+    os.replace(temporary, output)
+  finally:
+    temporary.unlink(missing_ok=True)
+  print(f"wrote {output}")
+
+
+def _check(model_dir, onnx_path, tolerance, output, temporary) -> None:
+  """Compares the export with JAX; a failed one is set aside, not installed."""
   diffs = student.compare(model_dir, onnx_path)
   print(
       "max |export - JAX| on a random batch: "
       + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items())
   )
   worst = max(v for k, v in diffs.items() if k != "max_abs_ref")
-  if worst > args.tolerance:
+  if worst > tolerance:
+    rejected = output.with_name(output.name + ".rejected")
+    os.replace(temporary, rejected)
     raise ValueError(
-        f"{path}: outputs differ from JAX by {worst:.3g} > --tolerance"
-        f" {args.tolerance:g}"
+        f"{output}: outputs differ from JAX by {worst:.3g} > --tolerance"
+        f" {tolerance:g}; nothing written there (the export is kept as"
+        f" {rejected} for inspection)"
     )
 
 
