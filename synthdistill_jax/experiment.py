@@ -533,6 +533,7 @@ def create(
       config.student, config.seed, abstract=True, platform=platform
   )
   if config.sampler.kind != "static":
+    networks.check_generator_settings(config.generator)
     networks.check_embedding_sizes(
         networks.build_teacher(config.teacher, abstract=True),
         abstract_student,

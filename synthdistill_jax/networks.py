@@ -10,9 +10,11 @@ Every mistake a user can make in these config fields raises `ConfigError`
 with one line naming the field and the value.
 """
 
+import collections.abc
 import dataclasses
 import functools
 import os
+import typing
 from typing import Any
 
 import jax
@@ -242,11 +244,7 @@ def build_generator(
   else:
     from synthdistill_jax.models import stylegan2  # pylint: disable=g-import-not-at-top
 
-    kwargs = dict(_kwargs(cfg, "random"), **overrides)
-    try:
-      module = models.create_model(GENERATOR_ARCH, **kwargs)
-    except (TypeError, ValueError) as e:
-      raise ConfigError(f"generator.random={kwargs}: {e}") from None
+    module, kwargs = _random_generator(cfg, overrides)
     if abstract:
       variables = _abstract_init(module)
     else:
@@ -256,13 +254,109 @@ def build_generator(
           )
       )
     net = Network(module, variables, GENERATOR_ARCH, kwargs)
-  if net.module.c_dim:
+  _check_generator(net.module)
+  return net
+
+
+def check_generator_settings(cfg) -> None:
+  """A random generator's settings, without building its weights (cheap).
+
+  Called before the student's and the generator's initialisers compile, so
+  that a mistyped `generator.random` setting is one line at once.
+
+  Args:
+    cfg: `config.generator`.
+
+  Raises:
+    ConfigError: naming the setting.
+  """
+  if not cfg.get("checkpoint"):
+    _random_generator(cfg, _dtype_overrides(cfg, generator=True))
+
+
+def _random_generator(cfg, overrides: dict):
+  """The module of `generator.random` (checked) and its kwargs."""
+  kwargs = dict(_kwargs(cfg, "random"), **overrides)
+  try:
+    module = models.create_model(GENERATOR_ARCH, **kwargs)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"generator.random={kwargs}: {e}") from None
+  check_kwarg_types(module, kwargs, "generator.random")
+  _check_generator(module)
+  return module, kwargs
+
+
+def _check_generator(module) -> None:
+  """An unconditional generator whose images the face crop can use."""
+  if module.c_dim:
     raise ConfigError(
-        f"generator: c_dim={net.module.c_dim}; only unconditional generators"
+        f"generator: c_dim={module.c_dim}; only unconditional generators"
         " are supported"
     )
-  faces.compute_crop_box(net.module.img_resolution)
-  return net
+  faces.compute_crop_box(module.img_resolution)
+
+
+_KIND_NAMES = {
+    bool: "True or False",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+}
+
+
+def _is_a(value: Any, kind: type) -> bool:
+  """isinstance, with bool apart from the numbers and numpy scalars in."""
+  if kind is bool:
+    return isinstance(value, (bool, np.bool_))
+  if isinstance(value, (bool, np.bool_)):
+    return False
+  if kind is int:
+    return isinstance(value, (int, np.integer))
+  if kind is float:
+    return isinstance(value, (int, float, np.integer, np.floating))
+  return isinstance(value, kind)
+
+
+def check_kwarg_types(module, kwargs: dict, field: str) -> None:
+  """Each of `kwargs` has the type that `module`'s attribute declares.
+
+  The kwargs dicts take new keys on the command line, where a value's type
+  is how it was typed: `--config.student.kwargs.remat=yes` arrives as the
+  string 'yes', which Python reads as true, and a run went ahead with a
+  setting nobody chose. Plain `bool`, `int`, `float` and `str` attributes
+  (also `| None`) and sequences of ints are checked; other annotations are
+  left to the module.
+
+  Args:
+    module: the built module (a dataclass with annotations).
+    kwargs: the settings it was built with.
+    field: the config field of `kwargs`, for the message.
+
+  Raises:
+    ConfigError: `field.name=value: must be ...`.
+  """
+  hints = typing.get_type_hints(type(module))
+  for name, value in kwargs.items():
+    want = hints.get(name)
+    args = typing.get_args(want)
+    if type(None) in args:
+      if value is None:
+        continue
+      rest = [a for a in args if a is not type(None)]
+      want = rest[0] if len(rest) == 1 else None
+    if want in _KIND_NAMES:
+      ok, expected = _is_a(value, want), _KIND_NAMES[want]
+    elif typing.get_origin(want) is collections.abc.Sequence and (
+        typing.get_args(want) == (int,)
+    ):
+      ok = isinstance(value, (list, tuple)) and all(
+          _is_a(v, int) for v in value
+      )
+      expected = "a list of integers, e.g. (1, 2, 3)"
+    else:
+      continue
+    if not ok:
+      raise ConfigError(f"{field}.{name}={value!r}: must be {expected}")
 
 
 def _init_face_network(
@@ -288,6 +382,14 @@ def _init_face_network(
     module = models.create_model(arch, **kwargs)
   except (TypeError, ValueError) as e:
     raise ConfigError(f"{field}.kwargs={kwargs}: {e}") from None
+  check_kwarg_types(module, kwargs, f"{field}.kwargs")
+  if getattr(module, "dropout", 0.0) > 0:
+    # Neither the student's update nor a random teacher's calibration (both
+    # in train mode) gives the network 'dropout' randomness.
+    raise ConfigError(
+        f"{field}.kwargs.dropout={module.dropout}: the trainer does not use"
+        " dropout (SynthDistill's networks have none); remove it or set 0"
+    )
   if adjust is not None:
     module = adjust(module)
   if abstract:

@@ -74,6 +74,34 @@ def _one_line_error(message: str) -> str:
         ("optimizer.decay_factor", 0.0, "optimizer.decay_factor=0.0"),
         ("sampler.resampling_coef", float("nan"), "sampler.resampling_coef"),
         ("schedule.batch_size", 0, "schedule.batch_size=0"),
+        # The kwargs dicts take new keys from the command line, typed as
+        # written: 'yes' ran as a true remat, dropout ended in Flax's
+        # missing-rng traceback after the first validation.
+        (
+            "student.kwargs.remat",
+            "yes",
+            "student.kwargs.remat='yes': must be True or False",
+        ),
+        (
+            "student.kwargs.layers",
+            (1, "x", 1, 1),
+            "student.kwargs.layers=(1, 'x', 1, 1): must be a list of integers",
+        ),
+        (
+            "generator.random.fused_modconv",
+            1,
+            "generator.random.fused_modconv=1: must be True or False",
+        ),
+        (
+            "generator.random.conv_clamp",
+            "256",
+            "generator.random.conv_clamp='256': must be a number",
+        ),
+        (
+            "student.kwargs.dropout",
+            0.5,
+            "student.kwargs.dropout=0.5: the trainer does not use dropout",
+        ),
     ],
 )
 def test_settings_that_cannot_train_are_one_line(
