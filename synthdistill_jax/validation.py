@@ -95,18 +95,19 @@ def check_devices(config) -> None:
     )
 
 
-def check_workdir(workdir: str) -> None:
+def check_workdir(workdir: str, flag: str = "--workdir") -> None:
   """The workdir can be created and written (a probe file, then removed).
 
   Args:
     workdir: local path or URI (gs://...).
+    flag: the flag that named it, for the message.
   """
   if not workdir.strip():
-    raise ConfigError("--workdir is empty: give the run's output folder")
+    raise ConfigError(f"{flag} is empty: give the output folder")
   path = epath.Path(workdir)
   if path.exists() and not path.is_dir():
     raise ConfigError(
-        f"--workdir={workdir}: is a file, not a folder; choose another path"
+        f"{flag}={workdir}: is a file, not a folder; choose another path"
     )
   probe = path / f".write-probe-{uuid.uuid4().hex}"
   try:
@@ -116,7 +117,7 @@ def check_workdir(workdir: str) -> None:
   except OSError as e:
     reason = e.strerror or type(e).__name__
     raise ConfigError(
-        f"--workdir={workdir}: cannot create or write it ({reason}); choose"
+        f"{flag}={workdir}: cannot create or write it ({reason}); choose"
         " a writable folder"
     ) from None
 

@@ -184,10 +184,14 @@ def test_static_dataset_tool_and_static_sampler(tmp_path):
   # Progress as whole lines in a pipe, TFDS's own bars off.
   assert "static set: 20/20 (100%)" in out.stderr
   assert "\r" not in out.stderr
-  # Run again onto the set, or for no face: refused before any rendering.
+  # Run again onto the set, for no face, or onto a file: refused before
+  # any rendering (the file was a traceback from TFDS's makedirs).
+  afile = tmp_path / "afile"
+  afile.write_text("x")
   for flag, message in (
       ("--num_examples=20", "already holds a static set"),
       ("--num_examples=0", "--num_examples=0: must be at least 1"),
+      (f"--output={afile}", f"--output={afile}: is a file, not a folder"),
   ):
     again = subprocess.run(
         [

@@ -30,6 +30,7 @@ from synthdistill_jax import errors
 from synthdistill_jax import experiment
 from synthdistill_jax import platforms
 from synthdistill_jax import progress
+from synthdistill_jax import validation
 
 FLAGS = flags.FLAGS
 config_flags_cli.define_config("config", "Experiment config file.")
@@ -56,6 +57,10 @@ def main(argv) -> None:
     _fail("--output is required")
   if FLAGS.num_examples < 1:
     _fail(f"--num_examples={FLAGS.num_examples}: must be at least 1")
+  try:
+    validation.check_workdir(FLAGS.output, "--output")
+  except experiment.ConfigError as e:
+    _fail(str(e))
   # TFDS would replace a set already there: hours of rendering, for a typo.
   # (A killed run's `incomplete.*` folder is no set: TFDS writes anew.)
   existing = [
@@ -93,6 +98,12 @@ def main(argv) -> None:
     )
   except experiment.ConfigError as e:
     _fail(str(e))
+  except OSError as e:  # A disk that filled up, access lost while writing.
+    _fail(
+        f"--output={FLAGS.output}: writing the set failed"
+        f" ({e.strerror or type(e).__name__}: {e.filename or ''}); free"
+        " space or restore access, then run the same command again"
+    )
   print(f"wrote {FLAGS.num_examples} examples to {path}")
 
 
