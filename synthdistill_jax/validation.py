@@ -109,17 +109,23 @@ def check_workdir(workdir: str, flag: str = "--workdir") -> None:
     raise ConfigError(
         f"{flag}={workdir}: is a file, not a folder; choose another path"
     )
-  probe = path / f".write-probe-{uuid.uuid4().hex}"
-  try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe.write_text("ok")
-    probe.unlink()
-  except OSError as e:
-    reason = e.strerror or type(e).__name__
+  if reason := _cannot_write_in(path):
     raise ConfigError(
         f"{flag}={workdir}: cannot create or write it ({reason}); choose"
         " a writable folder"
-    ) from None
+    )
+
+
+def _cannot_write_in(folder: epath.Path) -> str | None:
+  """Why `folder` cannot be created and written in, or None if it can."""
+  probe = folder / f".write-probe-{uuid.uuid4().hex}"
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    return e.strerror or type(e).__name__
+  return None
 
 
 def check_output_file(path: str, flag: str) -> None:
@@ -144,17 +150,11 @@ def check_output_file(path: str, flag: str) -> None:
         f"{flag}={path}: is a folder; give a file in it, e.g."
         f" {flag}={target / 'out.json'}"
     )
-  probe = target.parent / f".write-probe-{uuid.uuid4().hex}"
-  try:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    probe.write_text("ok")
-    probe.unlink()
-  except OSError as e:
-    reason = e.strerror or type(e).__name__
+  if reason := _cannot_write_in(target.parent):
     raise ConfigError(
         f"{flag}={path}: cannot write in {target.parent} ({reason}); choose"
         " a writable folder"
-    ) from None
+    )
 
 
 def check_paths(config) -> None:

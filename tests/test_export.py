@@ -118,22 +118,25 @@ def test_export_cli_never_installs_an_export_that_fails_its_check(tmp_path):
   output = tmp_path / "out" / "student.pth"
   output.parent.mkdir()
   output.write_bytes(b"the user's earlier export")
-  command = [
-      sys.executable,
-      str(ROOT / "tools" / "export_student.py"),
-      f"--checkpoint={model_dir}",
-      "--format=torch",
-      f"--output={output}",
-  ]
-  result = subprocess.run(
-      # No float32 export equals JAX to 0: the check fails.
-      command + ["--tolerance=0"],
-      capture_output=True,
-      text=True,
-      env=_subprocess_env(),
-      timeout=600,
-      check=False,
-  )
+
+  def export(*flags):
+    return subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "export_student.py"),
+            f"--checkpoint={model_dir}",
+            "--format=torch",
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        env=_subprocess_env(),
+        timeout=600,
+        check=False,
+    )
+
+  # No float32 export equals JAX to 0: the check fails.
+  result = export(f"--output={output}", "--tolerance=0")
   assert result.returncode == 1
   (line,) = result.stderr.strip().splitlines()
   assert line.startswith(f"export_student: error: {output}: outputs differ")
@@ -147,28 +150,13 @@ def test_export_cli_never_installs_an_export_that_fails_its_check(tmp_path):
       "student.pth",
       "student.pth.rejected",
   ]
-  result = subprocess.run(
-      command,
-      capture_output=True,
-      text=True,
-      env=_subprocess_env(),
-      timeout=600,
-      check=False,
-  )
+  result = export(f"--output={output}")
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.strip().splitlines()[-1] == f"wrote {output}"
   torch = pytest.importorskip("torch")
   state = torch.load(output, map_location="cpu", weights_only=True)
   assert len(state) > 10
-  folder = [a for a in command if not a.startswith("--output")]
-  result = subprocess.run(
-      folder + [f"--output={output.parent}"],
-      capture_output=True,
-      text=True,
-      env=_subprocess_env(),
-      timeout=600,
-      check=False,
-  )
+  result = export(f"--output={output.parent}")
   assert result.returncode == 1
   assert result.stderr.strip() == (
       f"export_student: error: --output={output.parent}: is a folder; give a"
