@@ -73,7 +73,7 @@ class _WriteErrorsWithoutTracebacks(logging.Filter):
         error is not None
         and (
             f"{os.sep}orbax{os.sep}" in record.pathname
-            or record.name == "asyncio"
+            or record.name in _STORAGE_LOGGERS
         )
         and is_write_error(error)
     ):
@@ -82,6 +82,16 @@ class _WriteErrorsWithoutTracebacks(logging.Filter):
 
 
 _WRITE_ERROR_FILTER = _WriteErrorsWithoutTracebacks()
+# Loggers whose records of a storage error lose their tracebacks besides
+# orbax's (which log through absl): asyncio's, and gcsfs's retries of a
+# bucket it cannot reach (a 60-line traceback before the one-line error).
+_STORAGE_LOGGERS = ("asyncio", "gcsfs")
+
+
+def quiet_storage_tracebacks() -> None:
+  """Installs the filter above (adding it twice is a no-op)."""
+  for name in ("absl",) + _STORAGE_LOGGERS:
+    logging.getLogger(name).addFilter(_WRITE_ERROR_FILTER)
 
 
 def create_manager(
@@ -102,9 +112,7 @@ def create_manager(
       enable_async_checkpointing=use_async,
       create=True,
   )
-  # orbax logs through absl's logger; adding a filter twice is a no-op.
-  for name in ("absl", "asyncio"):
-    logging.getLogger(name).addFilter(_WRITE_ERROR_FILTER)
+  quiet_storage_tracebacks()
   # The handler is named up front so that a fresh manager (a resumed run)
   # can read a step's metadata before restoring it.
   return ocp.CheckpointManager(

@@ -478,6 +478,8 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
   Returns:
     A `TrainResult`.
   """
+  # Before the workdir is first touched: a bucket out of reach is one line.
+  checkpoints.quiet_storage_tracebacks()
   # Every field, device count, input path and the workdir: before anything
   # is built (under a second). The raw name: an empty one must not become
   # the current directory.

@@ -7,6 +7,7 @@ writable, every input path present and of the right kind. Each problem is a
 trainer raises it before any network is built or compiled.
 """
 
+import contextlib
 import math
 import os
 import uuid
@@ -104,8 +105,10 @@ def check_workdir(workdir: str, flag: str = "--workdir") -> None:
   """
   if not workdir.strip():
     raise ConfigError(f"{flag} is empty: give the output folder")
-  path = epath.Path(workdir)
-  if path.exists() and not path.is_dir():
+  with _reachable(flag, workdir):
+    path = epath.Path(workdir)
+    is_file = path.exists() and not path.is_dir()
+  if is_file:
     raise ConfigError(
         f"{flag}={workdir}: is a file, not a folder; choose another path"
     )
@@ -114,6 +117,30 @@ def check_workdir(workdir: str, flag: str = "--workdir") -> None:
         f"{flag}={workdir}: cannot create or write it ({reason}); choose"
         " a writable folder"
     )
+
+
+@contextlib.contextmanager
+def _reachable(flag: str, value: str):
+  """Turns a path that cannot be asked about into one `ConfigError` line.
+
+  epath raises ImportError for a URI whose file system is not installed
+  (s3://, az://: fsspec names the package), KeyError for an unknown scheme,
+  and OSError for a bucket out of reach.
+  """
+  try:
+    yield
+  except (ImportError, KeyError) as e:
+    detail = str(e) if isinstance(e, ImportError) else f"no file system for {e}"
+    raise ConfigError(
+        f"{flag}={value}: cannot open such a path here ({detail}); local"
+        " folders and gs:// work (gs:// with pip install -e '.[gcs]')"
+    ) from None
+  except OSError as e:
+    raise ConfigError(
+        f"{flag}={value}: cannot reach it"
+        f" ({e.strerror or str(e) or type(e).__name__}); check the path,"
+        " the network and the credentials"
+    ) from None
 
 
 def _cannot_write_in(folder: epath.Path) -> str | None:
@@ -142,10 +169,12 @@ def check_output_file(path: str, flag: str) -> None:
   Raises:
     ConfigError: naming the flag, the path and the fix.
   """
-  target = epath.Path(path)
   if not path.strip():
     raise ConfigError(f"{flag} is empty: give the file to write")
-  if target.is_dir():
+  with _reachable(flag, path):
+    target = epath.Path(path)
+    is_dir = target.is_dir()
+  if is_dir:
     raise ConfigError(
         f"{flag}={path}: is a folder; give a file in it, e.g."
         f" {flag}={target / 'out.json'}"

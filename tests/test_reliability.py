@@ -138,6 +138,35 @@ def test_workdir_that_is_a_file_or_unwritable(tmp_path):
   assert [p.name for p in (tmp_path / "new").iterdir()] == []
 
 
+def test_a_workdir_uri_that_cannot_be_opened_or_reached(monkeypatch):
+  # An unknown scheme was a KeyError traceback from epath, s3:// without
+  # s3fs an ImportError one.
+  with pytest.raises(errors.ConfigError) as info:
+    validation.check_workdir("nosuchfs://bucket/run")
+  assert str(info.value) == (
+      "--workdir=nosuchfs://bucket/run: cannot open such a path here (no file"
+      " system for 'nosuchfs://'); local folders and gs:// work (gs:// with"
+      " pip install -e '.[gcs]')"
+  )
+
+  class Unreachable:
+    """A bucket whose host does not resolve (gcsfs, after its retries)."""
+
+    def __init__(self, path):
+      del path
+
+    def exists(self):
+      raise OSError(-2, "Name or service not known")
+
+  monkeypatch.setattr(validation.epath, "Path", Unreachable)
+  with pytest.raises(errors.ConfigError) as info:
+    validation.check_workdir("gs://bucket/run")
+  assert str(info.value) == (
+      "--workdir=gs://bucket/run: cannot reach it (Name or service not"
+      " known); check the path, the network and the credentials"
+  )
+
+
 def test_an_empty_workdir_is_refused_not_the_current_folder(
     tmp_path, monkeypatch
 ):
