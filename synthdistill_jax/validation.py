@@ -210,6 +210,10 @@ def check_paths(config) -> None:
           f"sampler.static_dataset={path!r}: no such folder (write one with"
           " tools/make_static_dataset.py)"
       )
+  cache = config.get("compilation_cache_dir", "auto")
+  if cache and cache != "auto":
+    # JAX would warn once per program and run without the cache.
+    check_workdir(cache, "compilation_cache_dir")
   evals = config.get("evals")
   if evals is not None and (
       evals.get("bins") or evals.get("ijb", {}).get("meta_dir")

@@ -138,6 +138,20 @@ def test_workdir_that_is_a_file_or_unwritable(tmp_path):
   assert [p.name for p in (tmp_path / "new").iterdir()] == []
 
 
+def test_a_compilation_cache_dir_that_is_a_file(tmp_path):
+  # JAX warned once per program ("Error reading persistent compilation
+  # cache entry ... File exists") and ran uncached.
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  config = tiny.tiny_config(compilation_cache_dir=str(afile))
+  with pytest.raises(errors.ConfigError) as info:
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert str(info.value) == (
+      f"compilation_cache_dir={afile}: is a file, not a folder; choose"
+      " another path"
+  )
+
+
 def test_a_workdir_uri_that_cannot_be_opened_or_reached(monkeypatch):
   # An unknown scheme was a KeyError traceback from epath, s3:// without
   # s3fs an ImportError one.
