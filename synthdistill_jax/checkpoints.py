@@ -470,6 +470,19 @@ def has_checkpoints(directory) -> bool:
   return any(p.name.isdigit() for p in directory.iterdir())
 
 
+def newest_step(directory) -> int | None:
+  """The highest finished step folder in `directory`, None if there is none.
+
+  A listing only (nothing read): the step may still be set aside as damaged
+  when it is restored.
+  """
+  directory = epath.Path(directory)
+  if not directory.exists():
+    return None
+  steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+  return max(steps, default=None)
+
+
 class PreemptionFlag:
   """Turns SIGTERM and the first Ctrl-C into a flag the training loop polls.
 

@@ -494,11 +494,33 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
     if not resumable:
       # Before the stored config is replaced and anything is built.
       checkpoints.check_fresh_start(workdir / "checkpoints")
+    if resumable:
+      _check_schedule_reaches(config, workdir)
     workdir_lib.check_or_store_config(config, workdir, resumable, log)
     enable_compilation_cache(config, workdir)
     return _train(config, workdir, log)
   finally:
     lock.release()
+
+
+def _check_schedule_reaches(config, workdir: epath.Path) -> None:
+  """Refuses fewer epochs than the run's newest checkpoint has done.
+
+  `schedule.epochs` may change on resume (more epochs continue a finished
+  run); fewer than done would resume, train nothing, and store the shorter
+  schedule as the run's. Checked before anything is built.
+  """
+  sched = config.schedule
+  total = sched.epochs * sched.steps_per_epoch
+  done = checkpoints.newest_step(workdir / "checkpoints")
+  if done is not None and done > total:
+    need = -(-done // sched.steps_per_epoch)
+    raise ConfigError(
+        f"schedule.epochs={sched.epochs} ends at iteration {total}, but the"
+        f" run in {workdir} is at iteration {done}: give at least"
+        f" --config.schedule.epochs={need} (more to train on), or use another"
+        " --workdir"
+    )
 
 
 def _train(config, workdir: epath.Path, log) -> TrainResult:
@@ -621,6 +643,11 @@ def _loop(run: _Run, state) -> TrainResult:
   # SIGTERM and a first Ctrl-C are caught from here on, the first validation
   # included: the run then stops after the first iteration, saved, instead
   # of dying.
+  if step >= total:
+    run.log(
+        f"nothing left to train: the run is at iteration {step} of {total};"
+        " give a larger --config.schedule.epochs to continue it"
+    )
   with checkpoints.PreemptionFlag() as flag, bar:
     if step == 0 and sched.val_batches:
       # The starting point of the held-out curve.

@@ -138,6 +138,38 @@ def test_workdir_that_is_a_file_or_unwritable(tmp_path):
   assert [p.name for p in (tmp_path / "new").iterdir()] == []
 
 
+def test_fewer_epochs_than_done_are_refused_a_finished_run_says_so(
+    tmp_path, capsys
+):
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(
+      tiny.tiny_config(**{"schedule.epochs": 2}), str(workdir)
+  )
+  stored = (workdir / "config.json").read_text()
+  records = metrics_io.read_metrics(workdir)
+  capsys.readouterr()
+  # It resumed at iteration 6, trained nothing and stored epochs=1 as the
+  # run's schedule, without a word.
+  with pytest.raises(errors.ConfigError) as info:
+    train.train_and_evaluate(tiny.tiny_config(), str(workdir))
+  assert str(info.value) == (
+      f"schedule.epochs=1 ends at iteration 3, but the run in {workdir} is"
+      " at iteration 6: give at least --config.schedule.epochs=2 (more to"
+      " train on), or use another --workdir"
+  )
+  assert (workdir / "config.json").read_text() == stored
+  # The same schedule again: nothing to train, and it says so.
+  result = train.train_and_evaluate(
+      tiny.tiny_config(**{"schedule.epochs": 2}), str(workdir)
+  )
+  assert int(result.state.step) == 6
+  assert (
+      "nothing left to train: the run is at iteration 6 of 6; give a larger"
+      " --config.schedule.epochs to continue it"
+  ) in capsys.readouterr().out
+  assert metrics_io.read_metrics(workdir) == records
+
+
 def test_a_compilation_cache_dir_that_is_a_file(tmp_path):
   # JAX warned once per program ("Error reading persistent compilation
   # cache entry ... File exists") and ran uncached.
