@@ -57,6 +57,17 @@ def is_write_error(error: BaseException) -> bool:
   )
 
 
+def write_error_cause(error: BaseException) -> str:
+  """The OS error behind a failed write, short (for a one-line message)."""
+  text = str(error)
+  code = re.search(r"os_error_code='(\d+)'", text)
+  if isinstance(error, OSError) and error.strerror:
+    return f"{error.strerror}: {error.filename or ''}".rstrip(": ")
+  if code:
+    return os.strerror(int(code.group(1)))
+  return (text.strip().splitlines() or [""])[0][:300]
+
+
 class _WriteErrorsWithoutTracebacks(logging.Filter):
   """Keeps orbax's log lines of a failed write, without their tracebacks.
 

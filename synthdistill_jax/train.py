@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import re
 import sys
 import time
 from typing import Any, Callable
@@ -65,20 +64,9 @@ def _write_errors(manager, workdir, what: str):
     if not checkpoints.is_write_error(e):
       raise
     raise WriteFailed(
-        f"{what} in {workdir} failed ({_cause(e)}); {_newest(manager)}:"
+        f"{what} in {workdir} failed ({checkpoints.write_error_cause(e)}); {_newest(manager)}:"
         " free space or restore access, then run the same command to resume"
     ) from e
-
-
-def _cause(error: BaseException) -> str:
-  """The OS error behind a failed write, short (for a one-line message)."""
-  text = str(error)
-  code = re.search(r"os_error_code='(\d+)'", text)
-  if isinstance(error, OSError) and error.strerror:
-    return f"{error.strerror}: {error.filename or ''}".rstrip(": ")
-  if code:
-    return os.strerror(int(code.group(1)))
-  return (text.strip().splitlines() or [""])[0][:300]
 
 
 def _newest(manager) -> str:
@@ -378,6 +366,17 @@ def _save(run: _Run, state, step: int, *, confirm: bool = False) -> None:
       run.saving = step
 
 
+def _finish_save(manager) -> BaseException | None:
+  """Waits for the save in flight; its write error, if it failed of one."""
+  try:
+    manager.wait_until_finished()
+  except (OSError, ValueError, RuntimeError) as e:
+    if not checkpoints.is_write_error(e):
+      raise
+    return e
+  return None
+
+
 def _background_save_failed(run: _Run, now: int, *, wait: bool) -> bool:
   """Whether the asynchronous save of iteration `run.saving` failed.
 
@@ -404,14 +403,8 @@ def _background_save_failed(run: _Run, now: int, *, wait: bool) -> bool:
     return False
   manager = run.manager
   done = wait or not manager.is_saving_in_progress()
-  error = None
-  if done:
-    try:
-      manager.wait_until_finished()  # Returns at once: nothing is running.
-    except (OSError, ValueError, RuntimeError) as e:
-      if not checkpoints.is_write_error(e):
-        raise
-      error = e
+  # Without `wait` this returns at once: nothing is running.
+  error = _finish_save(manager) if done else None
   failed, running = error is not None, not done
   if jax.process_count() > 1:
     flags = multihost_utils.process_allgather(
@@ -420,15 +413,15 @@ def _background_save_failed(run: _Run, now: int, *, wait: bool) -> bool:
     failed, running = (bool(x) for x in np.max(flags, axis=0))
     if failed and not done:
       # Another process's part failed: this one's is replaced all the same.
-      try:
-        manager.wait_until_finished()
-      except (OSError, ValueError, RuntimeError) as e:
-        if not checkpoints.is_write_error(e):
-          raise
+      _finish_save(manager)
   if running and not failed:
     return False
   if failed:
-    cause = _cause(error) if error is not None else "on another process"
+    cause = (
+        checkpoints.write_error_cause(error)
+        if error is not None
+        else "on another process"
+    )
     run.log(
         f"saving iteration {run.saving} failed in the background ({cause});"
         f" saving iteration {now} instead"

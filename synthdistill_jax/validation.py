@@ -155,7 +155,7 @@ def _cannot_write_in(folder: epath.Path) -> str | None:
   return None
 
 
-def check_output_file(path: str, flag: str) -> None:
+def check_output_file(path: str, flag: str, example: str = "out.json") -> None:
   """A file a command writes at its end can be written there.
 
   Checked before the work (minutes of compiling and timing), so that a
@@ -165,6 +165,7 @@ def check_output_file(path: str, flag: str) -> None:
   Args:
     path: local path or URI (gs://...).
     flag: the flag that named it, e.g. '--output'.
+    example: a file name for the message's example, when `path` is a folder.
 
   Raises:
     ConfigError: naming the flag, the path and the fix.
@@ -177,7 +178,7 @@ def check_output_file(path: str, flag: str) -> None:
   if is_dir:
     raise ConfigError(
         f"{flag}={path}: is a folder; give a file in it, e.g."
-        f" {flag}={target / 'out.json'}"
+        f" {flag}={target / example}"
     )
   if reason := _cannot_write_in(target.parent):
     raise ConfigError(

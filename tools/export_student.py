@@ -26,6 +26,7 @@ import sys
 from synthdistill_jax import errors
 from synthdistill_jax import platforms
 from synthdistill_jax import safe_pickle
+from synthdistill_jax import validation
 from synthdistill_jax.export import student
 
 
@@ -63,12 +64,7 @@ def export(args: argparse.Namespace) -> None:
   model_dir = student.resolve_model_dir(args.checkpoint)
   suffix = "pth" if args.format == "torch" else "onnx"
   output = pathlib.Path(args.output or model_dir / f"student.{suffix}")
-  if output.is_dir():
-    raise ValueError(
-        f"--output={output}: is a folder; give a file in it, e.g."
-        f" --output={output / f'student.{suffix}'}"
-    )
-  output.parent.mkdir(parents=True, exist_ok=True)
+  validation.check_output_file(str(output), "--output", f"student.{suffix}")
   temporary = output.with_name(f".{output.name}.tmp-{os.getpid()}")
   try:
     if args.format == "torch":

@@ -25,6 +25,7 @@ if __name__ == "__main__":
 from absl import app
 from absl import flags
 
+from synthdistill_jax import checkpoints
 from synthdistill_jax import config_flags_cli
 from synthdistill_jax import errors
 from synthdistill_jax import experiment
@@ -101,8 +102,8 @@ def main(argv) -> None:
   except OSError as e:  # A disk that filled up, access lost while writing.
     _fail(
         f"--output={FLAGS.output}: writing the set failed"
-        f" ({e.strerror or type(e).__name__}: {e.filename or ''}); free"
-        " space or restore access, then run the same command again"
+        f" ({checkpoints.write_error_cause(e)}); free space or restore"
+        " access, then run the same command again"
     )
   print(f"wrote {FLAGS.num_examples} examples to {path}")
 
